@@ -1,0 +1,203 @@
+"""Typed configuration with YAML files and `--set dotted.key=value` overrides.
+
+Typed defaults live here so that a YAML file only states what differs, and a
+misspelt key fails loudly instead of being ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be applied."""
+
+
+@dataclass
+class ModelConfig:
+    variant: str = "transformer"  # baseline | shared_rotation | shared_keypoint | transformer
+    backbone: str = "small"  # small | resnet18 | resnet50
+    image_size: int = 128
+    num_joints: int = 13
+    num_keypoints: int = 30
+    feat_channels: int = 256  # channels of the feature map F
+    small_width: int = 32  # width of the small CPU backbone
+    render_width: int = 32  # base width of appearance/keypoint encoders and renderer
+    render_skip: bool = False  # source image as a skip into the last renderer stage (beyond the paper)
+    heads: int = 4
+    ffn: int = 1024
+    dropout: float = 0.1
+    sigma: float = 2.0  # Gaussian sigma on the heatmap grid
+    pretrained: str = ""  # local path to ImageNet ResNet weights; empty = random init (logged)
+
+
+@dataclass
+class LossConfig:
+    lam: float = 1e-3  # weight of L_self in the joint loss
+    perceptual: str = "none"  # vgg16 (needs vgg_weights) | vgg16_random | none
+    vgg_weights: str = ""
+    pixel_weight: float = 1.0
+    grad_weight: float = 0.0  # L1 on image x/y gradients (cheap stand-in for perceptual)
+    rotation_weight: float = 1e-4  # shared_rotation variant
+    running_mean_momentum: float = 0.99
+
+
+@dataclass
+class DataConfig:
+    url: str = ""
+    dataset: str = "synth"  # synth | penn | bbc | h36m
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    scale_std: float = 0.25
+    rot_std: float = 30.0
+    rot_prob: float = 0.6
+    flip_prob: float = 0.5
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_steps: list = field(default_factory=lambda: [0.64, 0.86])
+    seed: int = 0
+    report_every: int = 200  # steps between ray.train.report (each costs seconds)
+    val_frames: int = 256
+    amp: str = "auto"  # auto (bf16 on CUDA) | off
+    threads: int = 0  # torch threads per worker; 0 = torch default
+
+
+@dataclass
+class TTPConfig:
+    lr: float = 1e-4
+    steps: int = 60  # offline update steps
+    iters: int = 1  # online updates per frame
+    batch_size: int = 8
+    optimizer: str = "adam"
+    adapt: list = field(default_factory=lambda: ["encoder", "self_head"])
+    reset_every: int = 0  # online: reset to base every N frames (0 = never)
+    guard: bool = True
+    guard_ratio: float = 1.5  # self-supervised loss above ratio * reference = divergence
+    guard_window: int = 5
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    name: str = "posettp"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ttp: TTPConfig = field(default_factory=TTPConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+VARIANTS = ("baseline", "shared_rotation", "shared_keypoint", "transformer")
+BACKBONES = ("small", "resnet18", "resnet50")
+
+
+def _coerce(value: Any, current: Any, key: str) -> Any:
+    """Convert an override string or YAML value to the type of the default."""
+    if isinstance(value, str) and not isinstance(current, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{key}: cannot parse {value!r}: {exc}") from exc
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if isinstance(current, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if isinstance(current, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return value
+    if isinstance(current, str):
+        return str(value)
+    return value
+
+
+def _apply(obj: Any, key: str, value: Any) -> None:
+    parts = key.split(".")
+    target = obj
+    for i, part in enumerate(parts[:-1]):
+        if not dataclasses.is_dataclass(target) or part not in {f.name for f in dataclasses.fields(target)}:
+            raise ConfigError(f"unknown config key: {'.'.join(parts[: i + 1])}")
+        target = getattr(target, part)
+    leaf = parts[-1]
+    if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
+        raise ConfigError(f"unknown config key: {key}")
+    current = getattr(target, leaf)
+    if dataclasses.is_dataclass(current):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping")
+        for sub, sub_value in value.items():
+            _apply(obj, f"{key}.{sub}", sub_value)
+        return
+    setattr(target, leaf, _coerce(value, current, key))
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.model.variant not in VARIANTS:
+        raise ConfigError(f"model.variant must be one of {VARIANTS}, got {cfg.model.variant!r}")
+    if cfg.model.backbone not in BACKBONES:
+        raise ConfigError(f"model.backbone must be one of {BACKBONES}, got {cfg.model.backbone!r}")
+    if cfg.model.image_size % 32:
+        raise ConfigError(f"model.image_size must be a multiple of 32, got {cfg.model.image_size}")
+    if cfg.loss.perceptual not in ("vgg16", "vgg16_random", "none"):
+        raise ConfigError(f"loss.perceptual must be vgg16, vgg16_random or none, got {cfg.loss.perceptual!r}")
+    for name in cfg.ttp.adapt:
+        if name not in ("encoder", "self_head", "appearance", "kp_encoder", "renderer"):
+            raise ConfigError(f"ttp.adapt: {name!r} may not adapt at test time")
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    for key, value in (data or {}).items():
+        _apply(cfg, key, value)
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply `dotted.key=value` overrides."""
+    data: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    cfg = Config()
+    for key, value in data.items():
+        _apply(cfg, key, value)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        _apply(cfg, key.strip(), value)
+    _validate(cfg)
+    return cfg

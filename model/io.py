@@ -1,0 +1,58 @@
+"""Byte-level storage through fsspec URLs (`/path`, `file://`, `s3://`), with atomic writes.
+
+s3:// endpoints come from the standard AWS variables (AWS_ENDPOINT_URL for an
+S3-compatible server such as one on loopback).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import fsspec
+
+
+def filesystem(url: str):
+    """(fs, path) for a URL; S3 picks up AWS_ENDPOINT_URL when set."""
+    kwargs = {}
+    if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        kwargs["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+    fs, path = fsspec.core.url_to_fs(url, **kwargs)
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return fs.exists(path)
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write to a temporary name then move into place, so readers never see half a file."""
+    fs, path = filesystem(url)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open(tmp, "wb") as f:
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def ensure_writable(url: str) -> None:
+    """Fail early (before any expensive work) when a storage URL cannot be written."""
+    probe = join(url, f".write-probe-{uuid.uuid4().hex[:8]}")
+    try:
+        write_bytes_atomic(probe, b"ok")
+        fs, path = filesystem(probe)
+        fs.rm(path)
+    except Exception as exc:  # any backend error means the same thing to the user
+        raise PermissionError(f"storage {url} is not writable: {exc}") from exc

@@ -1,0 +1,191 @@
+"""The TTP network (Li et al., NeurIPS 2021) and its Table-1 variants, top to bottom.
+
+Submodule names are a contract (deltas and freezing rules use them):
+`encoder` (backbone + deconvs) -> F; `self_head` (psi_self, 1x1 conv to 30
+keypoint logits); `sup_head` (Transformer affinity head, or a 1x1 head for the
+baseline/shared variants); `appearance`, `kp_encoder`, `renderer` (the
+reconstruction branch); `rotation_head` (shared_rotation only).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .backbones import build_backbone
+from .config import ModelConfig
+from .heatmaps import gaussian_maps, marginal_soft_argmax
+
+
+def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class Encoder(nn.Module):
+    """Backbone followed by stride-2 deconvolutions up to the heatmap resolution (image / 4)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.backbone, channels, stride = build_backbone(cfg)
+        layers: list[nn.Module] = []
+        while stride > 4:
+            layers += [nn.ConvTranspose2d(channels, cfg.feat_channels, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(cfg.feat_channels), nn.ReLU(inplace=True)]
+            channels, stride = cfg.feat_channels, stride // 2
+        self.deconv = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.deconv(self.backbone(x))
+
+
+class ConvEncoder(nn.Module):
+    """Image-to-16x16 encoder of the reconstruction branch (appearance and keypoint encoders)."""
+
+    def __init__(self, cin: int, width: int):
+        super().__init__()
+        w = width
+        spec = [(cin, w, 7, 1), (w, w, 3, 1), (w, 2 * w, 3, 2), (2 * w, 2 * w, 3, 1),
+                (2 * w, 4 * w, 3, 2), (4 * w, 4 * w, 3, 1), (4 * w, 8 * w, 3, 2), (8 * w, 8 * w, 3, 1)]
+        self.net = nn.Sequential(*[m for a, b, k, s in spec for m in conv_bn_relu(a, b, k, s)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class Renderer(nn.Module):
+    """Decodes concat[appearance, keypoint code] back to an image; no output activation.
+
+    With `skip`, the source image joins the last stage (beyond the paper: it lets the
+    renderer copy texture so that the keypoints must explain where parts moved).
+    """
+
+    def __init__(self, width: int, skip: bool):
+        super().__init__()
+        w = width
+        blocks = []
+        for cin, cout in [(16 * w, 8 * w), (8 * w, 4 * w), (4 * w, 2 * w), (2 * w, w)]:
+            blocks.append(nn.Sequential(*conv_bn_relu(cin, cout), *conv_bn_relu(cout, cout)))
+        self.blocks = nn.ModuleList(blocks)
+        self.skip = skip
+        self.out = nn.Conv2d(w + (3 if skip else 0), 3, 3, 1, 1)
+
+    def forward(self, code: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        x = code
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i < len(self.blocks) - 1:
+                x = F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.skip:
+            x = torch.cat([x, source], dim=1)
+        return self.out(x)
+
+
+class TransformerAffinityHead(nn.Module):
+    """13 learnable queries attend to the flattened feature map; W = softmax over the 30 keypoints."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        c = cfg.feat_channels
+        self.queries = nn.Parameter(torch.randn(cfg.num_joints, c) * 0.02)
+        layer = nn.TransformerDecoderLayer(c, cfg.heads, cfg.ffn, cfg.dropout, batch_first=True)
+        self.decoder = nn.TransformerDecoder(layer, num_layers=1, norm=nn.LayerNorm(c))
+        self.proj = nn.Linear(c, cfg.num_keypoints)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        tokens = feats.flatten(2).transpose(1, 2)  # (B, HW, C), no positional encoding
+        q = self.queries.unsqueeze(0).expand(feats.shape[0], -1, -1)
+        return F.softmax(self.proj(self.decoder(q, tokens)), dim=-1)  # (B, 13, 30)
+
+
+class RotationHead(nn.Module):
+    """Predicts which of 4 rotations (0/90/180/270) was applied: the shared_rotation self-task."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(c, c, 3, 2, 1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1),
+                                 nn.Flatten(), nn.Linear(c, 4))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.net(feats)
+
+
+class PoseTTPNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.variant = cfg.variant
+        self.encoder = Encoder(cfg)
+        c = cfg.feat_channels
+        if self.variant in ("shared_keypoint", "transformer"):
+            self.self_head = nn.Conv2d(c, cfg.num_keypoints, 1)
+            self.kp_encoder = ConvEncoder(cfg.num_keypoints, cfg.render_width)
+            self.appearance = ConvEncoder(3, cfg.render_width)
+            self.renderer = Renderer(cfg.render_width, cfg.render_skip)
+        if self.variant == "transformer":
+            self.sup_head = TransformerAffinityHead(cfg)
+        else:
+            self.sup_head = nn.Conv2d(c, cfg.num_joints, 1)
+        if self.variant == "shared_rotation":
+            self.rotation_head = RotationHead(c)
+
+    @property
+    def has_reconstruction(self) -> bool:
+        return self.variant in ("shared_keypoint", "transformer")
+
+    @property
+    def heatmap_size(self) -> int:
+        return self.cfg.image_size // 4
+
+    def pose(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Inference path: encoder, self_head and sup_head only."""
+        feats = self.encoder(image)
+        out: dict[str, torch.Tensor] = {"feats": feats}
+        if self.variant == "transformer":
+            h_self = self.self_head(feats)
+            w = self.sup_head(feats)
+            out.update(h_self=h_self, affinity=w, h_sup=torch.einsum("bjk,bkhw->bjhw", w, h_self))
+        else:
+            out["h_sup"] = self.sup_head(feats)
+            if self.variant == "shared_keypoint":
+                out["h_self"] = self.self_head(feats)
+        return out
+
+    def keypoint_maps(self, h_self: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condensed keypoints (heatmap units) and their Gaussians upsampled to the image size."""
+        coords = marginal_soft_argmax(h_self)
+        maps = gaussian_maps(coords, h_self.shape[-1], self.cfg.sigma)
+        return coords, F.interpolate(maps, size=self.cfg.image_size, mode="bilinear", align_corners=False)
+
+    def reconstruct(self, h_self: torch.Tensor, source: torch.Tensor) -> dict[str, torch.Tensor]:
+        coords, maps = self.keypoint_maps(h_self)
+        code = torch.cat([self.appearance(source), self.kp_encoder(maps)], dim=1)
+        return {"recon": self.renderer(code, source), "kp_coords": coords}
+
+    def forward(self, target: torch.Tensor, source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = self.pose(target)
+        if source is not None and self.has_reconstruction:
+            out.update(self.reconstruct(out["h_self"], source))
+        return out
+
+
+def build_model(cfg: ModelConfig) -> PoseTTPNet:
+    return PoseTTPNet(cfg)
+
+
+def parameter_counts(model: PoseTTPNet) -> dict[str, int]:
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in model.named_children()}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts
+
+
+def pose_gflops(model: PoseTTPNet) -> float:
+    """GFLOP (2 per multiply-add) of one pose forward on one image: encoder, self_head, sup_head."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, 3, model.cfg.image_size, model.cfg.image_size)
+    was_training = model.training
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model.pose(x)
+    model.train(was_training)
+    return counter.get_total_flops() / 1e9
