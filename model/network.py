@@ -150,21 +150,32 @@ class PoseTTPNet(nn.Module):
                 out["h_self"] = self.self_head(feats)
         return out
 
+    def self_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """H_self alone (encoder + self_head): all that the reconstruction task needs from the target."""
+        return self.self_head(self.encoder(image))
+
     def keypoint_maps(self, h_self: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Condensed keypoints (heatmap units) and their Gaussians upsampled to the image size."""
         coords = marginal_soft_argmax(h_self)
         maps = gaussian_maps(coords, h_self.shape[-1], self.cfg.sigma)
         return coords, F.interpolate(maps, size=self.cfg.image_size, mode="bilinear", align_corners=False)
 
-    def reconstruct(self, h_self: torch.Tensor, source: torch.Tensor) -> dict[str, torch.Tensor]:
+    def reconstruct(self, h_self: torch.Tensor, source: torch.Tensor,
+                    appearance: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Render the target from its keypoints and the source's appearance (precomputed if given)."""
         coords, maps = self.keypoint_maps(h_self)
-        code = torch.cat([self.appearance(source), self.kp_encoder(maps)], dim=1)
+        appearance = self.appearance(source) if appearance is None else appearance
+        code = torch.cat([appearance, self.kp_encoder(maps)], dim=1)
         return {"recon": self.renderer(code, source), "kp_coords": coords}
 
-    def forward(self, target: torch.Tensor, source: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, target: torch.Tensor, source: torch.Tensor | None = None,
+                rotated: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Everything one joint-training step needs, in one call (so DDP sees a single forward)."""
         out = self.pose(target)
         if source is not None and self.has_reconstruction:
             out.update(self.reconstruct(out["h_self"], source))
+        if rotated is not None and self.variant == "shared_rotation":
+            out["rotation"] = self.rotation_head(self.encoder(rotated))
         return out
 
 

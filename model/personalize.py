@@ -1,0 +1,197 @@
+"""Test-time personalization (paper §3.3): adapt the encoder and self-supervised head of one
+person's copy of the model on that person's unlabeled frames, then predict.
+
+- offline: N steps on random pairs from the person's whole set, then predict every frame;
+- online: stream in order; at frame t, `iters` updates on pairs (target t, source < t,
+  same video), then predict frame t -- the future is never looked at.
+
+Every person starts from the base weights and a fresh optimizer. The model runs in
+eval mode (norm layers keep their training statistics); norm affines, the
+Transformer/supervised head and whatever is not in `cfg.adapt` stay frozen.
+
+The collapse guard (beyond the paper) watches the self-supervised loss on a fixed
+probe batch -- never a label -- and rolls back to the last good weights when it
+rises above `guard_ratio` times its value before adaptation.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TTPConfig
+from .losses import ReconstructionLoss
+from .network import PoseTTPNet
+from .objectives import self_loss
+from .predict import predict_crops
+
+NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+
+
+@dataclass
+class TTPResult:
+    predictions: np.ndarray  # (N, J, 3) [x, y, score] in original pixels, input order
+    state: dict[str, torch.Tensor]  # the personalized weights
+    metrics: dict = field(default_factory=dict)
+
+
+def adaptable_parameters(model: PoseTTPNet, adapt: list[str]) -> list[tuple[str, nn.Parameter]]:
+    """Parameters of the adapted submodules, norm affines excluded."""
+    frozen = {f"{mname}.{pname}" for mname, m in model.named_modules() if isinstance(m, NORM_TYPES)
+              for pname, _ in m.named_parameters(recurse=False)}
+    return [(n, p) for n, p in model.named_parameters()
+            if n.split(".")[0] in adapt and n not in frozen]
+
+
+def shared_augment(target: torch.Tensor, source: torch.Tensor, gen: torch.Generator, scale_std: float = 0.25,
+                   rot_std: float = 30.0, rot_prob: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random rotation/scale per pair, applied identically to target and source."""
+    b = target.shape[0]
+    scale = (1 + torch.randn(b, generator=gen) * scale_std).clamp(0.75, 1.25)
+    rot = (torch.randn(b, generator=gen) * rot_std).clamp(-60, 60)
+    rot = torch.where(torch.rand(b, generator=gen) < rot_prob, rot, torch.zeros_like(rot))
+    a = torch.deg2rad(rot)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a) * scale, -torch.sin(a) * scale
+    theta[:, 1, 0], theta[:, 1, 1] = torch.sin(a) * scale, torch.cos(a) * scale
+    grid = F.affine_grid(theta.to(target), list(target.shape), align_corners=False)
+    warp = lambda x: F.grid_sample(x, grid, align_corners=False)  # noqa: E731
+    return warp(target), warp(source)
+
+
+class _Adapter:
+    """One person's model copy, its optimizer, and the guard's bookkeeping."""
+
+    def __init__(self, base: PoseTTPNet, recon_loss: ReconstructionLoss | None, cfg: TTPConfig):
+        self.base = copy.deepcopy(base).eval().requires_grad_(False)
+        self.base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+        self.model = copy.deepcopy(base).eval().requires_grad_(False)
+        self.params = [p for _, p in adaptable_parameters(self.model, cfg.adapt)]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.recon_loss = recon_loss
+        self.cfg = cfg
+        self.frozen_appearance = "appearance" not in cfg.adapt
+        self.guard_events = 0
+        self.stopped = False
+        self.good_state: dict[str, torch.Tensor] | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.model.load_state_dict(self.base_state)
+        self.optimizer = torch.optim.Adam(self.params, lr=self.cfg.lr)
+        self.good_state = None
+
+    def loss(self, target: torch.Tensor, source: torch.Tensor, model: PoseTTPNet | None = None) -> torch.Tensor:
+        loss, _ = self_loss(model or self.model, self.recon_loss, target, source,
+                            frozen_appearance=self.frozen_appearance, update_means=False)
+        return loss
+
+    def step(self, target: torch.Tensor, source: torch.Tensor) -> float:
+        if self.stopped:
+            return float("nan")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(target, source)
+        if not torch.isfinite(loss):
+            self._rollback()
+            return float("nan")
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def probe(self, probe_batch, model: PoseTTPNet | None = None) -> float:
+        return float(self.loss(*probe_batch, model=model))
+
+    def check(self, probe_batch) -> None:
+        """Guard: the probe loss of the adapted model vs the base model's; roll back on divergence."""
+        if not self.cfg.guard or self.stopped:
+            return
+        value, reference = self.probe(probe_batch), self.probe(probe_batch, self.base)
+        if not math.isfinite(value) or value > self.cfg.guard_ratio * reference:
+            self._rollback()
+        else:
+            self.good_state = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _rollback(self) -> None:
+        """Restore the last weights that passed the guard (else the base) and stop adapting this person."""
+        self.guard_events += 1
+        if self.good_state is not None:
+            state = self.model.state_dict()
+            for n, v in self.good_state.items():
+                state[n].copy_(v)
+        else:
+            self.model.load_state_dict(self.base_state)
+        self.stopped = True
+
+
+def _draw(pool: np.ndarray, k: int, gen: torch.Generator) -> np.ndarray:
+    return pool[torch.randint(len(pool), (k,), generator=gen).numpy()]
+
+
+def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops: torch.Tensor,
+                matrices: np.ndarray, groups: np.ndarray, cfg: TTPConfig, scenario: str,
+                seed: int = 0, on_frame=None) -> TTPResult:
+    """Personalize on one person's crops (N, 3, S, S) with their crop affines and video ids (groups).
+
+    `on_frame(t, prediction)` is called after each online prediction (for curves/overlays).
+    """
+    if scenario not in ("online", "offline"):
+        raise ValueError(f"scenario must be online or offline, got {scenario!r}")
+    if model.variant == "baseline":
+        raise ValueError("the baseline variant has no self-supervised task to personalize with")
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(seed)
+    groups = np.asarray(groups)
+    n, bs = len(crops), cfg.batch_size
+    adapter = _Adapter(model, recon_loss, cfg)
+
+    def pairs(targets: np.ndarray, limit: int, g: torch.Generator):
+        """Sources from the same video as each target, among frames < limit; shared augmentation."""
+        sources = np.array([_draw(np.flatnonzero((groups == groups[t]) & (np.arange(n) < limit)), 1, g)[0]
+                            for t in targets])
+        return shared_augment(crops[targets], crops[sources], g)
+
+    def probe(limit: int):
+        """A fixed probe batch among frames < limit (its own generator: reproducible, look-ahead free)."""
+        g = torch.Generator().manual_seed(seed + 7919)
+        return pairs(_draw(np.arange(limit), bs, g), limit, g)
+
+    losses: list[float] = []
+    if scenario == "offline":
+        probe_batch = probe(n)
+        for step in range(cfg.steps):
+            losses.append(adapter.step(*pairs(_draw(np.arange(n), bs, gen), n, gen)))
+            if cfg.guard and (step + 1) % cfg.guard_window == 0:
+                adapter.check(probe_batch)
+        predictions = predict_crops(adapter.model, crops, matrices)
+    else:
+        predictions = np.zeros((n, model.cfg.num_joints, 3), np.float32)
+        for t in range(n):
+            if cfg.reset_every and t and t % cfg.reset_every == 0:
+                adapter.reset()
+            if ((groups[:t] == groups[t])).any():  # an earlier frame of this video exists
+                for _ in range(cfg.iters):
+                    target, source = pairs(np.full(bs, t), t, gen)
+                    losses.append(adapter.step(target, source))
+                if cfg.guard and (t + 1) % cfg.guard_window == 0:
+                    adapter.check(probe(t + 1))
+            predictions[t] = predict_crops(adapter.model, crops[t:t + 1], matrices[t:t + 1])[0]
+            if on_frame is not None:
+                on_frame(t, predictions[t])
+        probe_batch = probe(n)  # for the report only, after every prediction is made
+    finite = [x for x in losses if math.isfinite(x)]
+    metrics = {
+        "scenario": scenario, "frames": int(n), "steps": len(losses),
+        "loss_before": adapter.probe(probe_batch, adapter.base), "loss_after": adapter.probe(probe_batch),
+        "loss_first": finite[0] if finite else float("nan"), "loss_last": finite[-1] if finite else float("nan"),
+        "guard_events": adapter.guard_events, "seconds": time.perf_counter() - t0,
+    }
+    state = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
+    return TTPResult(predictions=predictions, state=state, metrics=metrics)

@@ -1,0 +1,27 @@
+"""Inference: crop -> network -> decode -> original image coordinates, in one place for every caller."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .heatmaps import decode_argmax, heatmap_to_image
+from .network import PoseTTPNet
+from .transforms import apply_affine, invert
+
+
+@torch.no_grad()
+def predict_crops(model: PoseTTPNet, crops: torch.Tensor, matrices: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """(N, 3, S, S) crops and their (N, 2, 3) crop affines -> (N, J, 3) [x, y, score] in original pixels."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(crops), batch_size):
+        h_sup = model.pose(crops[i:i + batch_size].to(device))["h_sup"].float()
+        coords, score = decode_argmax(h_sup)
+        coords = heatmap_to_image(coords, model.cfg.image_size, h_sup.shape[-1]).cpu().numpy()
+        for j, (c, s) in enumerate(zip(coords, score.cpu().numpy())):
+            xy = apply_affine(c, invert(matrices[i + j]))
+            out.append(np.concatenate([xy, s[:, None]], axis=1))
+    model.train(was_training)
+    return np.stack(out).astype(np.float32) if out else np.zeros((0, model.cfg.num_joints, 3), np.float32)

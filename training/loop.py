@@ -1,0 +1,62 @@
+"""One joint-training step and its schedule, shared by Ray Train workers and plain local runs.
+
+Keeping the step here (not in the Ray entry) is what lets the Ray overhead be
+measured against the very same loop in plain PyTorch.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+
+import numpy as np
+import torch
+
+from model.config import Config
+from model.losses import ReconstructionLoss
+from model.network import PoseTTPNet
+from model.objectives import joint_loss
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_recon_loss(model: PoseTTPNet, cfg: Config) -> ReconstructionLoss | None:
+    return ReconstructionLoss(cfg.loss) if model.has_reconstruction else None
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=0.0)
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Adam lr divided by 10 at each fraction of max_steps in train.lr_steps (paper: 64% and 86%)."""
+    drops = sum(step >= int(f * cfg.train.max_steps) for f in cfg.train.lr_steps)
+    return cfg.train.lr * (0.1 ** drops)
+
+
+def autocast_context(device: torch.device, cfg: Config):
+    """bf16 autocast on CUDA when allowed; nothing on CPU."""
+    if device.type == "cuda" and cfg.train.amp == "auto" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, optimizer: torch.optim.Optimizer,
+               batch: dict, step: int, cfg: Config, core: PoseTTPNet | None = None) -> dict[str, float]:
+    """One optimizer step of L_sup + lambda * L_self. `core` is the unwrapped model when `model` is DDP."""
+    core = core or model
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    device = next(core.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with autocast_context(device, cfg):
+        loss, terms = joint_loss(model, core, recon_loss, batch, cfg.loss.lam, cfg.loss.rotation_weight)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    terms["lr"] = optimizer.param_groups[0]["lr"]
+    return terms
