@@ -127,6 +127,11 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if isinstance(current, float):
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -194,6 +199,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     cfg = Config()
     for key, value in data.items():
         _apply(cfg, key, value)
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
+    """Apply `dotted.key=value` strings in place (and validate); returns cfg."""
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"--set expects dotted.key=value, got {item!r}")

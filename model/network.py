@@ -33,6 +33,9 @@ class Encoder(nn.Module):
                        nn.BatchNorm2d(cfg.feat_channels), nn.ReLU(inplace=True)]
             channels, stride = cfg.feat_channels, stride // 2
         self.deconv = nn.Sequential(*layers)
+        for m in self.deconv.modules():  # SimpleBaseline's init, as in the released code
+            if isinstance(m, nn.ConvTranspose2d):
+                nn.init.normal_(m.weight, std=0.001)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.deconv(self.backbone(x))
@@ -118,6 +121,9 @@ class PoseTTPNet(nn.Module):
         c = cfg.feat_channels
         if self.variant in ("shared_keypoint", "transformer"):
             self.self_head = nn.Conv2d(c, cfg.num_keypoints, 1)
+            # small logits at init keep the marginal soft-argmax unsaturated, so L_self has a gradient
+            nn.init.normal_(self.self_head.weight, std=0.001)
+            nn.init.zeros_(self.self_head.bias)
             self.kp_encoder = ConvEncoder(cfg.num_keypoints, cfg.render_width)
             self.appearance = ConvEncoder(3, cfg.render_width)
             self.renderer = Renderer(cfg.render_width, cfg.render_skip)
@@ -125,6 +131,8 @@ class PoseTTPNet(nn.Module):
             self.sup_head = TransformerAffinityHead(cfg)
         else:
             self.sup_head = nn.Conv2d(c, cfg.num_joints, 1)
+            nn.init.normal_(self.sup_head.weight, std=0.001)
+            nn.init.zeros_(self.sup_head.bias)
         if self.variant == "shared_rotation":
             self.rotation_head = RotationHead(c)
 

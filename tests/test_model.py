@@ -1,0 +1,128 @@
+"""The network, heatmaps, metrics and checkpoints: tests that catch a wrong re-implementation."""
+import numpy as np
+import pytest
+import torch
+
+from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from model.config import ConfigError, load_config
+from model.heatmaps import decode_argmax, gaussian_maps, heatmap_to_image, image_to_heatmap, marginal_soft_argmax
+from model.losses import ReconstructionLoss
+from model.metrics import bbc_macc, pck
+from model.network import build_model, parameter_counts
+
+
+def small_cfg(variant="transformer"):
+    return load_config("configs/synth_small.yaml", [f"model.variant={variant}"])
+
+
+def test_transformer_sup_heatmaps_are_affinity_times_self_heatmaps():
+    torch.manual_seed(0)
+    model = build_model(small_cfg().model).eval()
+    out = model.pose(torch.rand(2, 3, 64, 64))
+    w, h_self = out["affinity"], out["h_self"]
+    assert w.shape == (2, 13, 30)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 13))
+    expected = (w.unsqueeze(-1).unsqueeze(-1) * h_self.unsqueeze(1)).sum(2)
+    torch.testing.assert_close(out["h_sup"], expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone,total", [("resnet18", 21_194_367), ("resnet50", 39_817_343)])
+def test_paper_size_parameter_counts_match_released_models(backbone, total):
+    cfg = load_config("configs/penn_res50.yaml", [f"model.backbone={backbone}"])
+    counts = parameter_counts(build_model(cfg.model))
+    assert counts["total"] == total
+    assert set(counts) == {"encoder", "self_head", "sup_head", "appearance", "kp_encoder", "renderer", "total"}
+
+
+@pytest.mark.parametrize("variant", ["baseline", "shared_rotation", "shared_keypoint", "transformer"])
+def test_all_variants_build_with_contract_names(variant):
+    model = build_model(small_cfg(variant).model)
+    names = {n for n, _ in model.named_children()}
+    assert {"encoder", "sup_head"} <= names
+    assert ("self_head" in names) == (variant in ("shared_keypoint", "transformer"))
+    assert ("rotation_head" in names) == (variant == "shared_rotation")
+
+
+def test_soft_argmax_of_a_delta_peak_returns_its_location():
+    logits = torch.full((1, 2, 16, 16), -1e4)
+    logits[0, 0, 5, 11] = 1e4  # y=5, x=11
+    logits[0, 1, 0, 15] = 1e4
+    coords = marginal_soft_argmax(logits)
+    torch.testing.assert_close(coords[0], torch.tensor([[11.0, 5.0], [15.0, 0.0]]))
+
+
+def test_decode_of_encoded_joints_within_quarter_heatmap_pixel():
+    """Argmax + quarter offset resolves 0.25 heatmap px: at 128x128 (stride 4) that is 1 image px per axis."""
+    rng = np.random.default_rng(0)
+    joints = torch.tensor(rng.uniform(8, 120, size=(50, 13, 2)), dtype=torch.float32)
+    on_grid = image_to_heatmap(joints, 128, 32)
+    coords, score = decode_argmax(gaussian_maps(on_grid, 32, 2.0))
+    assert (coords - on_grid).abs().max() <= 0.25 + 1e-5
+    assert (heatmap_to_image(coords, 128, 32) - joints).abs().max() <= 1.0 + 1e-4
+    assert torch.all(score > 0.5)
+
+
+def test_pck_hand_computed_with_invisible_joint_and_zero_torso():
+    gt = np.zeros((2, 13, 2))
+    gt[0, [1, 2], 1] = 0.0  # shoulders at y=0
+    gt[0, [7, 8], 1] = 10.0  # hips at y=10 -> torso 10, threshold 2 at alpha .2
+    pred = gt.copy()
+    pred[0, 0] += [1.5, 0]  # hit
+    pred[0, 3] += [3.0, 0]  # miss
+    pred[0, 4] += [100, 0]  # miss but invisible below
+    vis = np.ones((2, 13))
+    vis[0, 4] = 0
+    # frame 1: zero torso (all joints at the origin) -> excluded
+    res = pck(pred, gt, vis, alpha=0.2)
+    assert res["count"] == 12
+    assert res["mean"] == pytest.approx(11 / 12)
+    assert np.isnan(res["per_joint"][4])
+
+
+def test_bbc_macc_counts_within_6px_at_half_resolution():
+    gt = np.zeros((1, 7, 2))
+    pred = gt.copy()
+    pred[0, 0] = [12, 0]  # 6 px at half resolution -> hit
+    pred[0, 1] = [12.5, 0]  # miss
+    assert bbc_macc(pred, gt)["mean"] == pytest.approx(6 / 7)
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+    cfg = small_cfg()
+    torch.manual_seed(1)
+    model = build_model(cfg.model).eval()
+    loss = ReconstructionLoss(cfg.loss)
+    loss(torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64), update_means=True)
+    save_checkpoint(str(tmp_path / "ck"), model, cfg, step=7, loss_module=loss)
+    ck = load_checkpoint(str(tmp_path / "ck"))
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.equal(model.pose(x)["h_sup"], ck.model.eval().pose(x)["h_sup"])
+    assert ck.meta["step"] == 7 and ck.config.model.variant == "transformer"
+    assert ck.loss_buffers["running_means"] == loss.running_means.tolist()
+
+
+def test_checkpoint_refuses_config_weights_mismatch(tmp_path):
+    cfg = small_cfg()
+    save_checkpoint(str(tmp_path / "ck"), build_model(cfg.model), cfg)
+    other = small_cfg("baseline")
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(str(tmp_path / "ck"), overrides=other)
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ConfigError, match="unknown config key: train.max_stepz"):
+        load_config("configs/synth_small.yaml", ["train.max_stepz=3"])
+    with pytest.raises(ConfigError, match="integer"):
+        load_config("configs/synth_small.yaml", ["train.max_steps=abc"])
+    assert load_config("configs/synth_small.yaml", ["train.max_steps=30"]).train.max_steps == 30
+
+
+def test_perceptual_vgg16_without_weights_file_is_an_explicit_error():
+    cfg = small_cfg()
+    cfg.loss.perceptual = "vgg16"
+    with pytest.raises(ValueError, match="vgg_weights"):
+        ReconstructionLoss(cfg.loss)
+    cfg.loss.perceptual = "vgg16_random"
+    loss = ReconstructionLoss(cfg.loss)
+    assert "random" in loss.mode
+    assert loss.running_means.numel() == 1 + 5 + 1  # pixels, five VGG layers, gradient term

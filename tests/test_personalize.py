@@ -1,0 +1,95 @@
+"""TTP mechanics: what is frozen stays frozen, online never looks ahead, persons start equal, deltas reproduce."""
+import numpy as np
+import pytest
+import torch
+
+from model.config import load_config
+from model.delta import apply_delta, decode_and_validate, deltable_keys, encode_delta, extract_delta
+from model.network import build_model
+from model.personalize import adaptable_parameters, personalize
+from model.predict import predict_crops
+from training.loop import build_recon_loss
+
+
+def calibrate_norm_statistics(model, crops):
+    """An untrained model's BatchNorm running stats (0/1) make eval-mode activations vanish; fit them."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(crops, crops)
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = load_config("configs/synth_small.yaml", ["ttp.steps=6", "ttp.batch_size=4", "ttp.lr=1e-3", "ttp.guard=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    recon = build_recon_loss(model, cfg)
+    recon(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64), update_means=True)
+    gen = torch.Generator().manual_seed(1)
+    crops = torch.rand(12, 3, 64, 64, generator=gen)
+    calibrate_norm_statistics(model, crops)
+    matrices = np.tile(np.array([[1.0, 0, 0], [0, 1.0, 0]]), (12, 1, 1))
+    groups = np.repeat([0, 1], 6)
+    return cfg, model, recon, crops, matrices, groups
+
+
+def test_only_encoder_and_self_head_non_norm_parameters_change(setup):
+    cfg, model, recon, crops, matrices, groups = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = personalize(model, recon, crops, matrices, groups, cfg.ttp, "offline", seed=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "base model was modified"
+    adapted = {n for n, _ in adaptable_parameters(model, cfg.ttp.adapt)}
+    changed = {k for k, v in result.state.items() if not torch.equal(before[k], v)}
+    assert changed, "nothing adapted"
+    assert changed <= adapted
+    assert all(k.split(".")[0] in ("encoder", "self_head") for k in changed)
+    assert not any("norm" in k or ".1.weight" in k and "net" in k for k in changed if "GroupNorm" in k)
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+            for p in ("weight", "bias"):
+                key = f"{name}.{p}"
+                if key in result.state:
+                    assert torch.equal(result.state[key], before[key]), f"norm affine {key} changed"
+
+
+def test_online_never_looks_at_future_frames(setup):
+    cfg, model, recon, crops, matrices, groups = setup
+    a = personalize(model, recon, crops, matrices, groups, cfg.ttp, "online", seed=3)
+    future_changed = crops.clone()
+    future_changed[8:] = torch.rand(4, 3, 64, 64)
+    b = personalize(model, recon, future_changed, matrices, groups, cfg.ttp, "online", seed=3)
+    np.testing.assert_array_equal(a.predictions[:8], b.predictions[:8])
+
+
+def test_each_person_starts_from_identical_base_weights(setup):
+    cfg, model, recon, crops, matrices, groups = setup
+    first = personalize(model, recon, crops, matrices, groups, cfg.ttp, "offline", seed=5)
+    personalize(model, recon, torch.rand_like(crops), matrices, groups, cfg.ttp, "offline", seed=9)
+    again = personalize(model, recon, crops, matrices, groups, cfg.ttp, "offline", seed=5)
+    np.testing.assert_array_equal(first.predictions, again.predictions)
+
+
+def test_delta_extraction_and_application_reproduce_personalized_predictions(setup):
+    cfg, model, recon, crops, matrices, groups = setup
+    result = personalize(model, recon, crops, matrices, groups, cfg.ttp, "offline", seed=0)
+    base = model.state_dict()
+    keys = deltable_keys(base, {n for n, _ in model.named_parameters()})
+    data = encode_delta(extract_delta(base, result.state, keys), "fp32", "sha", "p1", "offline", 6, 12)
+    delta, meta = decode_and_validate(data, base, set(keys), "sha")
+    assert all(k.startswith(("encoder.", "self_head.")) for k in delta)
+    restored = build_model(cfg.model)
+    restored.load_state_dict(apply_delta(base, delta))
+    np.testing.assert_allclose(predict_crops(restored, crops, matrices), result.predictions, atol=1e-4)
+
+
+def test_guard_rolls_back_a_diverging_person(setup):
+    cfg, model, recon, crops, matrices, groups = setup
+    wild = load_config("configs/synth_small.yaml", ["ttp.steps=20", "ttp.batch_size=4", "ttp.lr=1.0",
+                                                    "ttp.guard_window=2", "ttp.guard_ratio=1.05"]).ttp
+    result = personalize(model, recon, crops, matrices, groups, wild, "offline", seed=0)
+    assert result.metrics["guard_events"] >= 1
+    assert result.metrics["loss_after"] <= 1.05 * result.metrics["loss_before"] + 1e-6
