@@ -1,0 +1,296 @@
+"""`posettp reproduce`: the paper's Table 1, Table 2, Table 5, Figure 3 and Figure 4 on our data.
+
+Everything lands under `--out` (models, per-run JSON, markdown tables, PNGs, the
+resolved config). Each trained model and each evaluation is cached on disk, so
+an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy.signal import savgol_filter
+
+from model.checkpoint import load_checkpoint, save_checkpoint
+from model.config import Config, load_config
+
+from .evaluate import evaluate_person, labeled_person_frames, model_with_loss, score
+from .local import train_local
+
+log = logging.getLogger(__name__)
+VARIANTS = ("baseline", "shared_rotation", "shared_keypoint", "transformer")
+SCENARIOS = ("none", "online", "offline")
+
+
+def _cached(path: Path, compute):
+    if path.is_file():
+        return json.loads(path.read_text())
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=float))
+    tmp.replace(path)
+    return value
+
+
+class Experiment:
+    """Shared state of one reproduce run: config, data, cached models."""
+
+    def __init__(self, cfg: Config, out: Path, seeds: int):
+        self.cfg, self.out, self.seeds = cfg, out, seeds
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(cfg.to_json())
+        self.data_url = cfg.data.url
+        self._train_frames = None
+        self._test = None
+
+    def test_persons(self) -> dict[str, list]:
+        if self._test is None:
+            self._test = labeled_person_frames(self.data_url, self.cfg.data.test_split)
+            if not self._test:
+                raise ValueError(f"{self.data_url}: no labeled test persons")
+        return self._test
+
+    def model(self, variant: str, seed: int):
+        """Train (or reuse) one variant/seed; returns (model, recon_loss, cfg)."""
+        path = self.out / "models" / f"{variant}-s{seed}"
+        if not (path / "model.safetensors").is_file():
+            from data.shards import load_frames
+
+            if self._train_frames is None:
+                self._train_frames = load_frames(self.data_url, split=self.cfg.data.train_split)
+            cfg = _with(self.cfg, [f"model.variant={variant}", f"train.seed={seed}"])
+            t0 = time.perf_counter()
+            model, recon, history = train_local(cfg, self._train_frames, desc=f"train {variant} s{seed}")
+            save_checkpoint(str(path), model, cfg, cfg.train.max_steps,
+                            {"train_seconds": time.perf_counter() - t0, "history": history}, recon)
+        ck = load_checkpoint(str(path))
+        model, recon = model_with_loss(ck)
+        return model, recon, ck.config
+
+    def evaluation(self, variant: str, seed: int, scenario: str, tag: str = "", ttp_overrides=()) -> dict:
+        """Per-person scores (cached) of one model under one scenario."""
+        path = self.out / "evals" / f"{variant}-s{seed}-{scenario}{tag}.json"
+
+        def compute():
+            model, recon, cfg = self.model(variant, seed)
+            cfg = _with(cfg, list(ttp_overrides))
+            rows = []
+            t0 = time.perf_counter()
+            for pid, frames in self.test_persons().items():
+                res = evaluate_person(model, recon, cfg, frames, scenario, seed=seed)
+                res["predictions"] = res["predictions"].tolist()
+                rows.append({"person_id": pid, **res})
+            return {"variant": variant, "seed": seed, "scenario": scenario, "persons": rows,
+                    "seconds": time.perf_counter() - t0}
+        return _cached(path, compute)
+
+
+def _with(cfg: Config, overrides: list[str]) -> Config:
+    from model.config import apply_overrides, from_dict
+
+    return apply_overrides(from_dict(cfg.to_dict()), overrides)
+
+
+def paired(a: dict, b: dict, key: str = "pck@0.2") -> np.ndarray:
+    """Per-person differences b - a (same persons, same order)."""
+    da = {r["person_id"]: r[key] for r in a["persons"]}
+    return np.array([r[key] - da[r["person_id"]] for r in b["persons"]])
+
+
+def mean_std(values) -> str:
+    values = np.asarray(values, dtype=float) * 100
+    return f"{values.mean():.1f} ± {values.std():.1f}" if len(values) > 1 else f"{values.mean():.1f}"
+
+
+def table1(exp: Experiment) -> dict:
+    results, lines = {}, []
+    seeds = range(exp.seeds)
+    base_means = [np.mean([r["pck@0.2"] for r in exp.evaluation("baseline", s, "none")["persons"]]) for s in seeds]
+    lines.append("| method | w/o TTP | online TTP | offline TTP |")
+    lines.append("| --- | --- | --- | --- |")
+    for variant in VARIANTS:
+        row, cells = {}, []
+        for scenario in SCENARIOS:
+            if variant == "baseline" and scenario != "none":
+                cells.append("–")
+                continue
+            evals = [exp.evaluation(variant, s, scenario) for s in seeds]
+            means = [np.mean([r["pck@0.2"] for r in e["persons"]]) for e in evals]
+            delta_base = np.mean(means) - np.mean(base_means)
+            entry = {"pck@0.2_mean": float(np.mean(means)), "pck@0.2_std": float(np.std(means)),
+                     "per_seed": [float(m) for m in means], "vs_baseline": float(delta_base)}
+            if scenario != "none":
+                diffs = np.concatenate([paired(exp.evaluation(variant, s, "none"), e) for s, e in zip(seeds, evals)])
+                entry.update(gain_mean=float(diffs.mean()), gain_se=float(diffs.std(ddof=1) / np.sqrt(len(diffs))),
+                             gain_min=float(diffs.min()), gain_max=float(diffs.max()),
+                             persons_worse_1pck=int((diffs < -0.01).sum()), pairs=int(len(diffs)),
+                             guard_events=int(sum(r.get("ttp", {}).get("guard_events", 0)
+                                                  for e in evals for r in e["persons"])))
+            row[scenario] = entry
+            cell = f"{mean_std(means)} ({delta_base * 100:+.1f})"
+            if scenario != "none":
+                cell += f" [TTP {entry['gain_mean'] * 100:+.1f} ± {entry['gain_se'] * 100:.1f}]"
+            cells.append(cell)
+        results[variant] = row
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"PCK@0.2 (%) on {len(exp.test_persons())} unseen test persons, mean ± std over {exp.seeds} "
+                 "training seeds; (+Δ) vs baseline; [TTP gain] = paired per-person gain over the same model "
+                 "without TTP, mean ± standard error over persons × seeds.")
+    return {"results": results, "markdown": "\n".join(lines)}
+
+
+def table2(exp: Experiment) -> dict:
+    lines = ["| iterations | online, no guard | online, guard |", "| --- | --- | --- |"]
+    none = [exp.evaluation("transformer", s, "none") for s in range(exp.seeds)]
+    base = np.mean([np.mean([r["pck@0.2"] for r in e["persons"]]) for e in none])
+    results = {"no_ttp": float(base)}
+    for iters in (1, 2, 3, 4):
+        cells = []
+        for guard in (False, True):
+            tag = f"-it{iters}-{'guard' if guard else 'noguard'}"
+            evals = [exp.evaluation("transformer", s, "online", tag, [f"ttp.iters={iters}", f"ttp.guard={guard}"])
+                     for s in range(exp.seeds)]
+            means = [np.mean([r["pck@0.2"] for r in e["persons"]]) for e in evals]
+            events = sum(r["ttp"]["guard_events"] for e in evals for r in e["persons"])
+            results[tag[1:]] = {"pck@0.2": float(np.mean(means)), "guard_events": int(events)}
+            cells.append(f"{np.mean(means) * 100:.1f} ({(np.mean(means) - base) * 100:+.1f})"
+                         + (f", guard fired {events}×" if guard else ""))
+        lines.append(f"| {iters} | " + " | ".join(cells) + " |")
+    lines.append(f"\nw/o TTP: {base * 100:.1f} PCK@0.2 (transformer, {exp.seeds} seeds)")
+    return {"results": results, "markdown": "\n".join(lines)}
+
+
+def fig3(exp: Experiment) -> dict:
+    """Online improvement vs frame index: mean per-frame PCK gain over persons and seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = []
+    for s in range(exp.seeds):
+        none, online = exp.evaluation("transformer", s, "none"), exp.evaluation("transformer", s, "online")
+        for rn, ro in zip(none["persons"], online["persons"]):
+            frames = exp.test_persons()[rn["person_id"]]
+            per_frame = [score(np.array(ro["predictions"])[i:i + 1], frames[i:i + 1], "synth")["pck@0.2"]
+                         - score(np.array(rn["predictions"])[i:i + 1], frames[i:i + 1], "synth")["pck@0.2"]
+                         for i in range(len(frames))]
+            curves.append(per_frame)
+    length = min(len(c) for c in curves)
+    gain = np.nanmean(np.array([c[:length] for c in curves]), axis=0) * 100
+    window = max(3, length // 10)
+    smooth = np.convolve(gain, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(gain, alpha=0.3, label="per frame")
+    ax.plot(np.arange(len(smooth)) + window // 2, smooth, label=f"moving mean ({window})")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel("frame index in the person's stream")
+    ax.set_ylabel("online TTP gain (PCK@0.2 points)")
+    ax.set_title("Figure 3: online improvement vs frame index")
+    ax.legend()
+    fig.tight_layout()
+    png = exp.out / "fig3_online_gain.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return {"results": {"gain_per_frame": gain.tolist()}, "png": str(png),
+            "markdown": f"![fig3]({png.name})\n\nmean gain first third {gain[:length // 3].mean():+.2f}, "
+                        f"last third {gain[-length // 3:].mean():+.2f} PCK points"}
+
+
+def fig4(exp: Experiment) -> dict:
+    """Offline gain vs the number of unlabeled frames used for adaptation (the person's extra frames)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from data.shards import load_frames
+
+    counts = (10, 25, 50, 100, 200)
+    rows = {n: [] for n in counts}
+    for s in range(exp.seeds):
+        model, recon, cfg = exp.model("transformer", s)
+        none = {r["person_id"]: r for r in exp.evaluation("transformer", s, "none")["persons"]}
+
+        def compute(n, s=s, model=model, recon=recon, cfg=cfg, none=none):
+            out = []
+            for pid, frames in exp.test_persons().items():
+                extra = [f for f in load_frames(exp.data_url, split=exp.cfg.data.test_split, person=pid)
+                         if not f.keypoints[:, 2].any()][:n]
+                if len(extra) < n:
+                    continue
+                res = evaluate_person(model, recon, cfg, frames, "offline", seed=s, adapt_frames=extra)
+                out.append(res["pck@0.2"] - none[pid]["pck@0.2"])
+            return out
+        for n in counts:
+            rows[n] += _cached(exp.out / "evals" / f"fig4-s{s}-n{n}.json", lambda n=n: compute(n))
+    means = [np.mean(rows[n]) * 100 if rows[n] else float("nan") for n in counts]
+    ses = [np.std(rows[n], ddof=1) / np.sqrt(len(rows[n])) * 100 if len(rows[n]) > 1 else 0 for n in counts]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.errorbar(counts, means, yerr=ses, marker="o", capsize=3)
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_xlabel("unlabeled frames used for offline TTP")
+    ax.set_ylabel("gain over no TTP (PCK@0.2 points)")
+    ax.set_title("Figure 4: gain vs amount of unlabeled data")
+    fig.tight_layout()
+    png = exp.out / "fig4_gain_vs_frames.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    md = "| unlabeled frames | " + " | ".join(map(str, counts)) + " |\n| --- |" + " --- |" * len(counts) + "\n"
+    md += "| gain (PCK points) | " + " | ".join(f"{m:+.1f} ± {e:.1f}" for m, e in zip(means, ses)) + " |"
+    return {"results": {"counts": counts, "gain_mean": means, "gain_se": ses}, "png": str(png),
+            "markdown": md + f"\n\n![fig4]({png.name})"}
+
+
+def smooth_predictions(predictions: np.ndarray, frames: list, window: int = 7, order: int = 2) -> np.ndarray:
+    """Savitzky-Golay smoothing of joint trajectories within each video."""
+    out = predictions.copy()
+    videos = np.array([f.video_id for f in frames])
+    for v in np.unique(videos):
+        idx = np.flatnonzero(videos == v)
+        if len(idx) > window:
+            out[idx, :, :2] = savgol_filter(predictions[idx, :, :2], window, order, axis=0)
+    return out
+
+
+def table5(exp: Experiment) -> dict:
+    lines = ["| transformer | w/o TTP | online TTP | offline TTP |", "| --- | --- | --- | --- |"]
+    results = {}
+    for smoothing in (False, True):
+        cells = []
+        for scenario in SCENARIOS:
+            vals = []
+            for s in range(exp.seeds):
+                for r in exp.evaluation("transformer", s, scenario)["persons"]:
+                    frames = exp.test_persons()[r["person_id"]]
+                    pred = np.array(r["predictions"], dtype=np.float32)
+                    pred = smooth_predictions(pred, frames) if smoothing else pred
+                    vals.append(score(pred, frames, "synth")["pck@0.2"])
+            results[f"{scenario}{'_smoothed' if smoothing else ''}"] = float(np.mean(vals))
+            cells.append(f"{np.mean(vals) * 100:.1f}")
+        lines.append(f"| {'+ Savitzky–Golay' if smoothing else 'raw'} | " + " | ".join(cells) + " |")
+    return {"results": results, "markdown": "\n".join(lines)}
+
+
+EXPERIMENTS = {"table1": table1, "table2": table2, "table5": table5, "fig3": fig3, "fig4": fig4}
+
+
+def main(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out)
+    exp = Experiment(cfg, out, args.seeds)
+    t0 = time.perf_counter()
+    result = EXPERIMENTS[args.experiment](exp)
+    result["wall_seconds"] = time.perf_counter() - t0
+    (out / f"{args.experiment}.md").write_text(result["markdown"] + "\n")
+    print(result["markdown"])
+    print(f"\n{args.experiment}: {result['wall_seconds'] / 60:.1f} min wall; outputs in {out}")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(result, indent=2, default=float))
+    (out / f"{args.experiment}.json").write_text(json.dumps(result, indent=2, default=float))
+    return 0
