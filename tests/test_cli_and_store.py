@@ -1,0 +1,89 @@
+"""The `posettp` command surface and the per-person delta store layout."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model.config import load_config
+from model.delta import DeltaRejected, deltable_keys, encode_delta, extract_delta
+from model.network import build_model
+from server.registry import BaseModelInfo, DeltaStore
+
+COMMANDS = ["info", "synth", "import", "train", "personalize", "evaluate", "reproduce", "serve", "demo"]
+
+
+def test_help_lists_every_design_command():
+    out = subprocess.run([sys.executable, "-m", "posettp.cli", "--help"], capture_output=True, text=True, check=True)
+    for command in COMMANDS:
+        assert command in out.stdout
+
+
+def test_info_json_reports_paper_parameter_count():
+    out = subprocess.run([sys.executable, "-m", "posettp.cli", "info", "--config", "configs/penn_res50.yaml",
+                          "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["params"]["total"] == 39_817_343
+
+
+def test_unknown_config_key_is_one_clear_error_line():
+    out = subprocess.run([sys.executable, "-m", "posettp.cli", "info", "--config", "configs/synth_small.yaml",
+                          "--set", "model.nope=1"], capture_output=True, text=True)
+    assert out.returncode != 0
+    assert "unknown config key: model.nope" in out.stderr
+
+
+@pytest.fixture()
+def base():
+    model = build_model(load_config("configs/synth_small.yaml").model)
+    return model, BaseModelInfo.from_model(model, "a" * 64)
+
+
+def make_delta(model, person="alice", sha="a" * 64, scale=1e-3):
+    state = model.state_dict()
+    keys = deltable_keys(state, {n for n, _ in model.named_parameters()})
+    personal = {k: v + scale * torch.randn_like(v) if k in keys else v for k, v in state.items()}
+    return encode_delta(extract_delta(state, personal, keys), "int8", sha, person, "offline", 10, 20)
+
+
+def test_store_layout_versions_and_latest(tmp_path, base):
+    model, info = base
+    store = DeltaStore(str(tmp_path / "store"))
+    first = store.file_delta("alice", make_delta(model), info)
+    second = store.file_delta("alice", make_delta(model), info)
+    assert second["version"] > first["version"]
+    assert (tmp_path / "store/persons/alice/deltas" / f"{first['version']}.safetensors").is_file()
+    latest = json.loads((tmp_path / "store/persons/alice/latest.json").read_text())
+    assert latest["version"] == second["version"] and latest["base_sha256"] == "a" * 64
+    delta, meta, record = store.load_latest("alice", info)
+    assert record["version"] == second["version"] and meta["person_id"] == "alice"
+    assert store.persons() == ["alice"]
+
+
+@pytest.mark.parametrize("person", ["../etc", "a/b", "", "x" * 65, "..", "a b"])
+def test_store_refuses_person_ids_with_path_characters(tmp_path, base, person):
+    model, info = base
+    with pytest.raises(DeltaRejected, match="invalid person id"):
+        DeltaStore(str(tmp_path)).file_delta(person, make_delta(model), info)
+    assert not any(tmp_path.iterdir())
+
+
+def test_store_refuses_delta_for_another_person_or_base(tmp_path, base):
+    model, info = base
+    store = DeltaStore(str(tmp_path))
+    with pytest.raises(DeltaRejected, match="not 'alice'"):
+        store.file_delta("alice", make_delta(model, person="bob"), info)
+    with pytest.raises(DeltaRejected, match="made for base"):
+        store.file_delta("alice", make_delta(model, sha="b" * 64), info)
+
+
+def test_tampered_stored_delta_is_refused_on_load(tmp_path, base):
+    model, info = base
+    store = DeltaStore(str(tmp_path))
+    record = store.file_delta("alice", make_delta(model), info)
+    path = tmp_path / "persons/alice/deltas" / f"{record['version']}.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(DeltaRejected, match="sha256"):
+        store.load_latest("alice", info)
