@@ -1,0 +1,90 @@
+"""Real-time online TTP (beyond the paper): prediction for frame t never waits for adaptation.
+
+A background thread adapts a private copy of the model on the stream seen so far
+and publishes a snapshot of the adapted tensors after each update; `predict`
+runs on whatever snapshot is newest, swapping it in by reference (no copy on
+the prediction path and no lock held while the network runs).
+"""
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+
+import numpy as np
+import torch
+
+from .config import TTPConfig
+from .losses import ReconstructionLoss
+from .network import PoseTTPNet
+from .personalize import _Adapter, shared_augment
+from .predict import predict_crops
+
+
+class RealtimePersonalizer:
+    def __init__(self, model: PoseTTPNet, recon_loss: ReconstructionLoss | None, cfg: TTPConfig, seed: int = 0,
+                 adapt_threads: int = 1):
+        self.adapter = _Adapter(model, recon_loss, cfg)
+        self.cfg = cfg
+        self.serving = copy.deepcopy(model).eval()  # the copy predictions run on
+        self.names = [n for n, p in self.adapter.model.named_parameters() if p.requires_grad]
+        self._snapshot: dict[str, torch.Tensor] | None = None
+        self._applied = 0
+        self._published = 0
+        self._frames: list[torch.Tensor] = []
+        self._groups: list[int] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._gen = torch.Generator().manual_seed(seed)
+        self._lock = threading.Lock()
+        self.updates = 0
+        self._adapt_threads = adapt_threads
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        torch.set_num_threads(self._adapt_threads)
+        while True:
+            t = self._queue.get()
+            if t is None:
+                return
+            while not self._queue.empty():  # fall behind gracefully: adapt on the newest frame
+                nxt = self._queue.get()
+                if nxt is None:
+                    return
+                t = nxt
+            with self._lock:
+                crops = torch.stack(self._frames[: t + 1])
+                groups = np.array(self._groups[: t + 1])
+            earlier = np.flatnonzero(groups[:t] == groups[t])
+            if not len(earlier):
+                continue
+            bs = self.cfg.batch_size
+            for _ in range(self.cfg.iters):
+                sources = earlier[torch.randint(len(earlier), (bs,), generator=self._gen).numpy()]
+                target, source = shared_augment(crops[[t] * bs], crops[sources], self._gen)
+                self.adapter.step(target, source)
+                self.updates += 1
+            params = dict(self.adapter.model.named_parameters())
+            self._snapshot = {n: params[n].detach().clone() for n in self.names}
+            self._published += 1
+
+    def predict(self, crop: torch.Tensor, matrix: np.ndarray, group: int = 0) -> np.ndarray:
+        """Predict this frame with the newest adapted weights, then queue it for adaptation."""
+        snapshot, version = self._snapshot, self._published
+        if snapshot is not None and version != self._applied:
+            params = dict(self.serving.named_parameters())
+            with torch.no_grad():
+                for n, v in snapshot.items():
+                    params[n].data = v  # swap by reference: the adapter never writes a published snapshot
+            self._applied = version
+        pred = predict_crops(self.serving, crop[None], matrix[None])[0]
+        with self._lock:
+            self._frames.append(crop)
+            self._groups.append(group)
+            t = len(self._frames) - 1
+        self._queue.put(t)
+        return pred
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
