@@ -9,7 +9,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 
 from model.transforms import full_image_bbox
 
@@ -58,13 +57,3 @@ def load_video(path: str, person_id: str = "me", num_joints: int = 13, max_frame
     if not frames:
         raise ValueError(f"{path}: no decodable video frames")
     return frames
-
-
-def stack_frames(frames: list, image_size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Crops (N, 3, S, S), crop affines (N, 2, 3) and video-group ids (N,) for TTP and prediction."""
-    from data.pairs import prepare_frame
-
-    crops, matrices = zip(*(prepare_frame(f, image_size) for f in frames))
-    videos = {v: i for i, v in enumerate(dict.fromkeys(f.video_id for f in frames))}
-    groups = np.array([videos[f.video_id] for f in frames])
-    return torch.stack([torch.as_tensor(c) for c in crops]), np.stack(matrices), groups

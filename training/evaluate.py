@@ -46,14 +46,14 @@ def model_with_loss(ck: Checkpoint):
 def evaluate_person(model, recon_loss, cfg: Config, frames: list, scenario: str, seed: int = 0,
                     adapt_frames: list | None = None, on_frame=None) -> dict:
     """Score one person's labeled frames. `adapt_frames` (offline only) replaces the adaptation set."""
-    from data.sources import stack_frames
+    from data.pairs import prepare_frames
 
-    crops, matrices, groups = stack_frames(frames, cfg.model.image_size)
+    crops, matrices, groups = prepare_frames(frames, cfg.model.image_size)
     result = {"frames": len(frames)}
     if scenario == "none":
         predictions = predict_crops(model, crops, matrices)
     elif scenario == "offline" and adapt_frames is not None:
-        a_crops, a_matrices, a_groups = stack_frames(adapt_frames, cfg.model.image_size)
+        a_crops, a_matrices, a_groups = prepare_frames(adapt_frames, cfg.model.image_size)
         ttp = personalize(model, recon_loss, a_crops, a_matrices, a_groups, cfg.ttp, scenario, seed)
         tuned = type(model)(model.cfg)
         tuned.load_state_dict(ttp.state)

@@ -1,0 +1,108 @@
+"""Torch-side views of decoded frames: training pairs, inference crops, and per-person TTP streams/sets.
+
+All geometry goes through `model/transforms.py`, so a crop made here for
+training is the crop inference, TTP and serving make too.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from model.config import DataConfig
+from model.transforms import PENN_FLIP_PAIRS, apply_affine, crop_matrix, flip_permutation, to_tensor_layout, warp
+
+from .shards import Frame
+
+
+def prepare_frame(frame: Frame, image_size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Crop by the frame's box with no augmentation: (3, S, S) float in [0, 1] and the 2x3 crop affine."""
+    m = crop_matrix(frame.bbox, image_size)
+    return torch.from_numpy(to_tensor_layout(warp(frame.image, m, image_size))), m
+
+
+def prepare_frames(frames: list[Frame], image_size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """Crops (N, 3, S, S), affines (N, 2, 3) and video group ids (N,) in the form `model.personalize` takes."""
+    if not frames:
+        return torch.zeros(0, 3, image_size, image_size), np.zeros((0, 2, 3)), np.zeros(0, np.int64)
+    crops, mats = zip(*(prepare_frame(f, image_size) for f in frames))
+    videos: dict[tuple[str, str], int] = {}
+    groups = np.array([videos.setdefault((f.person_id, f.video_id), len(videos)) for f in frames], np.int64)
+    return torch.stack(crops), np.stack(mats), groups
+
+
+def _one_person(frames: list[Frame]) -> None:
+    ids = {f.person_id for f in frames}
+    if len(ids) > 1:
+        raise ValueError(f"expected the frames of one person, got {len(ids)}: {sorted(ids)[:5]}")
+
+
+def person_stream(frames: list[Frame]) -> list[Frame]:
+    """Online TTP order: one person's labeled frames, video by video, each video in frame order."""
+    _one_person(frames)
+    return sorted((f for f in frames if f.labeled), key=lambda f: (f.video_id, f.frame))
+
+
+def person_set(frames: list[Frame], unlabeled: bool = True) -> list[Frame]:
+    """Offline TTP pool: the labeled frames (in stream order, so predictions line up with labels first),
+    then, if `unlabeled`, the person's extra unlabeled frames."""
+    stream = person_stream(frames)
+    if not unlabeled:
+        return stream
+    return stream + sorted((f for f in frames if not f.labeled), key=lambda f: (f.video_id, f.frame))
+
+
+class PairDataset(Dataset):
+    """Training pairs (DESIGN §3): target = frame i, source = another frame of the same video, both
+    cropped by the target's box under one shared random scale/rotation/flip.
+
+    The augmentation of item i is drawn from (seed, epoch, i), so it is reproducible and
+    independent of DataLoader workers; call `set_epoch` to draw new ones each epoch.
+    """
+
+    def __init__(self, frames: list[Frame], image_size: int, data_cfg: DataConfig, seed: int = 0,
+                 augment: bool = True, flip_pairs=PENN_FLIP_PAIRS):
+        if not frames:
+            raise ValueError("PairDataset needs at least one frame")
+        self.frames, self.size, self.cfg, self.seed, self.augment = frames, image_size, data_cfg, seed, augment
+        self.epoch = 0
+        self.perm = flip_permutation(frames[0].keypoints.shape[0], flip_pairs)
+        by_video: dict[tuple[str, str], list[int]] = defaultdict(list)
+        for i, f in enumerate(frames):
+            by_video[(f.person_id, f.video_id)].append(i)
+        self.video_of = [by_video[(f.person_id, f.video_id)] for f in frames]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def augmentation(self, rng: np.random.Generator) -> tuple[float, float, bool]:
+        """(scale, rotation degrees, flip) with the paper's distributions."""
+        c = self.cfg
+        scale = float(np.clip(rng.normal(1.0, c.scale_std), 0.75, 1.25))
+        rot = float(np.clip(rng.normal(0.0, c.rot_std), -60, 60)) if rng.random() < c.rot_prob else 0.0
+        return scale, rot, bool(rng.random() < c.flip_prob)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        target = self.frames[i]
+        others = [j for j in self.video_of[i] if j != i]
+        source = self.frames[others[rng.integers(len(others))]] if others else target
+        scale, rot, flip = self.augmentation(rng) if self.augment else (1.0, 0.0, False)
+        m = crop_matrix(target.bbox, self.size, scale, rot, flip)
+        joints = apply_affine(target.keypoints[:, :2], m)
+        visible = target.keypoints[:, 2] > 0
+        if flip:
+            joints, visible = joints[self.perm], visible[self.perm]
+        inside = (joints >= 0).all(axis=1) & (joints <= self.size - 1).all(axis=1)
+        return {
+            "target": torch.from_numpy(to_tensor_layout(warp(target.image, m, self.size))),
+            "source": torch.from_numpy(to_tensor_layout(warp(source.image, m, self.size))),
+            "joints": torch.from_numpy(joints.astype(np.float32)),
+            "visible": torch.from_numpy((visible & inside).astype(np.float32)),
+            "matrix": torch.from_numpy(m.astype(np.float32)),
+        }
