@@ -17,7 +17,7 @@ from tqdm import tqdm
 from model.checkpoint import Checkpoint, load_checkpoint, restore_loss_buffers
 from model.config import Config, apply_overrides
 from model.delta import DeltaRejected, apply_delta
-from model.metrics import bbc_macc, pck
+from model.metrics import bbc_macc, pck, pck_hits
 from model.personalize import personalize
 from model.predict import predict_crops
 
@@ -32,6 +32,14 @@ def score(predictions: np.ndarray, frames: list, dataset: str) -> dict[str, floa
         return {"macc": bbc_macc(predictions, gt[..., :2], gt[..., 2])["mean"]}
     return {"pck@0.2": pck(predictions, gt[..., :2], gt[..., 2], 0.2)["mean"],
             "pck@0.5": pck(predictions, gt[..., :2], gt[..., 2], 0.5)["mean"]}
+
+
+def per_frame_pck(predictions: np.ndarray, frames: list, alpha: float = 0.2) -> np.ndarray:
+    """PCK of each frame on its own (NaN where no joint counts): for curves over a stream."""
+    gt = np.stack([f.keypoints for f in frames])
+    hits, mask = pck_hits(predictions, gt[..., :2], gt[..., 2], alpha)
+    counted = mask.sum(1)
+    return np.where(counted > 0, hits.sum(1) / np.maximum(counted, 1), np.nan)
 
 
 def model_with_loss(ck: Checkpoint):

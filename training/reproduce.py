@@ -17,7 +17,7 @@ from scipy.signal import savgol_filter
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import Config, load_config
 
-from .evaluate import evaluate_person, labeled_person_frames, model_with_loss, score
+from .evaluate import evaluate_person, labeled_person_frames, model_with_loss, per_frame_pck, score
 from .local import train_local
 
 log = logging.getLogger(__name__)
@@ -177,9 +177,8 @@ def fig3(exp: Experiment) -> dict:
         none, online = exp.evaluation("transformer", s, "none"), exp.evaluation("transformer", s, "online")
         for rn, ro in zip(none["persons"], online["persons"]):
             frames = exp.test_persons()[rn["person_id"]]
-            per_frame = [score(np.array(ro["predictions"])[i:i + 1], frames[i:i + 1], "synth")["pck@0.2"]
-                         - score(np.array(rn["predictions"])[i:i + 1], frames[i:i + 1], "synth")["pck@0.2"]
-                         for i in range(len(frames))]
+            per_frame = (per_frame_pck(np.array(ro["predictions"]), frames)
+                         - per_frame_pck(np.array(rn["predictions"]), frames))
             curves.append(per_frame)
     length = min(len(c) for c in curves)
     gain = np.nanmean(np.array([c[:length] for c in curves]), axis=0) * 100
