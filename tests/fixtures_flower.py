@@ -1,0 +1,216 @@
+"""Helpers for the Flower tests: a tiny checkpoint, tiny test shards, isolated Flower/Ray
+environments, free ports and stopping exactly the processes a test started."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+TINY_OVERRIDES = ["ttp.batch_size=4", "ttp.steps=4", "ttp.guard=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args[0]} exited with {proc.returncode} before port {port} opened")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"port {port} did not open within {timeout}s")
+
+
+def make_checkpoint(url: str, overrides: list[str] | None = None, seed: int = 0) -> str:
+    """An untrained synth_small checkpoint whose norm statistics and loss means are fitted to
+    random crops (an untrained BatchNorm's 0/1 statistics make eval activations vanish)."""
+    from model.checkpoint import save_checkpoint
+    from model.config import load_config
+    from model.network import build_model
+    from training.loop import build_recon_loss
+
+    cfg = load_config(str(REPO / "configs/synth_small.yaml"), TINY_OVERRIDES + list(overrides or []))
+    torch.manual_seed(seed)
+    model = build_model(cfg.model)
+    s = cfg.model.image_size
+    crops = torch.rand(16, 3, s, s, generator=torch.Generator().manual_seed(seed))
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(crops, crops)
+    model.eval()
+    recon = build_recon_loss(model, cfg)
+    if recon is not None:
+        recon(crops[:4], crops[4:8], update_means=True)
+    return save_checkpoint(url, model, cfg, step=0, loss_module=recon, extra={"note": "test fixture"})
+
+
+def make_shards(url: str, persons: int, frames: int, size: int = 64, seed: int = 0) -> None:
+    """Test shards (2 videos of `frames` frames per person, split test) through the documented `posettp synth` command; random frames if it is not built."""
+    cmd = [str(VENV_BIN / "posettp"), "synth", "--out", url, "--persons", str(persons), "--frames", str(frames),
+           "--size", str(size), "--seed", str(seed), "--split", "test", "--videos", "2", "--extra-frames", "0"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    if res.returncode == 0:
+        return
+    if res.returncode != 2:  # 2 = "not built yet"
+        raise RuntimeError(f"posettp synth failed: {res.stderr[-2000:]}")
+    write_random_shards(url, persons, frames, size, seed)
+
+
+def random_rows(persons: int, frames: int, size: int, seed: int):
+    from data.shards import encode_jpeg
+
+    rng = np.random.default_rng(seed)
+    for p in range(persons):
+        base = rng.integers(0, 255, (size // 8, size // 8, 3)).astype(np.float32)
+        for v in range(2):
+            for t in range(frames):
+                img = np.kron(base, np.ones((8, 8, 1))) + rng.normal(0, 12, (size, size, 3)) + 3 * t
+                kp = np.concatenate([rng.uniform(size * 0.2, size * 0.8, (13, 2)), np.ones((13, 1))], 1)
+                yield {"person_id": f"p{p:03d}", "video_id": f"p{p:03d}_v{v}", "frame": t,
+                       "image": encode_jpeg(np.clip(img, 0, 255).astype(np.uint8)), "width": size, "height": size,
+                       "keypoints": kp.astype(np.float32).reshape(-1), "bbox": [0, 0, size, size], "split": "test"}
+
+
+def write_random_shards(url: str, persons: int, frames: int, size: int = 64, seed: int = 0) -> None:
+    from data.shards import write_shards
+
+    joints = ["head", "l_shoulder", "r_shoulder", "l_elbow", "r_elbow", "l_wrist", "r_wrist", "l_hip", "r_hip",
+              "l_knee", "r_knee", "l_ankle", "r_ankle"]
+    write_shards(random_rows(persons, frames, size, seed), url, {"dataset": "synth", "joints": joints})
+
+
+def write_image_folder(frames: list, folder: str) -> None:
+    import cv2
+
+    os.makedirs(folder, exist_ok=True)
+    for i, f in enumerate(frames):
+        cv2.imwrite(os.path.join(folder, f"{i:05d}.png"), cv2.cvtColor(f.image, cv2.COLOR_RGB2BGR))
+
+
+def flower_env(home: Path, **extra: str) -> dict:
+    """Environment for flwr/flower-* processes: own FLWR_HOME, own local-SuperLink ports, own Ray,
+    no runtime dependency installation (it would download a CUDA torch)."""
+    env = dict(os.environ)
+    ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix sockets live under it
+    env.update({
+        "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        "RAY_ADDRESS": "local", "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
+    })
+    env.pop("PYTHONPATH", None)
+    env.update(extra)
+    return env
+
+
+def pids_with_env(key: str, value: str) -> list[int]:
+    """Processes of this user whose environment holds key=value (everything a test's tree started)."""
+    needle = f"{key}={value}".encode()
+    me, out = os.getpid(), []
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == me:
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    out.append(int(d))
+        except OSError:
+            continue
+    return out
+
+
+def stop_pids(pids: list[int], grace: float = 10.0) -> None:
+    """SIGTERM, wait, then SIGKILL the given PIDs (only those, never by name)."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if _alive(p)]
+        time.sleep(0.2)
+    for pid in alive:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def stop_tree_by_env(home: Path) -> list[int]:
+    """Stop every process started with FLWR_HOME=home (detached SuperLink, ServerApp, Ray, ...)."""
+    pids = pids_with_env("FLWR_HOME", str(home))
+    stop_pids(pids)
+    return pids
+
+
+def write_flwr_config(home: Path, connections: dict[str, dict]) -> None:
+    """`$FLWR_HOME/config.toml` with the given `[superlink.<name>]` sections (first one is the default)."""
+    import tomli_w
+
+    home.mkdir(parents=True, exist_ok=True)
+    doc = {"superlink": {"default": next(iter(connections)), **connections}}
+    (home / "config.toml").write_text(tomli_w.dumps(doc))
+
+
+class TreeMemory:
+    """Samples the summed RSS of every process started with FLWR_HOME=home (SuperLink, ServerApp,
+    Ray and its ClientApp actors) once a second; `peak_mb` is the largest sum seen."""
+
+    def __init__(self, home: Path, every: float = 1.0):
+        import threading
+
+        self.home, self.every, self.peak_mb = str(home), every, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            total = 0
+            for pid in pids_with_env("FLWR_HOME", self.home):
+                try:
+                    with open(f"/proc/{pid}/statm") as f:
+                        total += int(f.read().split()[1]) * page
+                except OSError:
+                    pass
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "TreeMemory":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
