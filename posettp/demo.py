@@ -44,7 +44,7 @@ class Demo:
         self.out = out.resolve()
         self.logs = self.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.marker = uuid.uuid4().hex
+        self.marker = os.environ.get(MARKER) or uuid.uuid4().hex  # a caller may choose it to audit cleanup
         self.env = dict(os.environ, **{MARKER: self.marker, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1",
                                        "RAY_USAGE_STATS_ENABLED": "0", "FLWR_HOME": str(self.out / "flwr-home"),
                                        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
