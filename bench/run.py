@@ -31,7 +31,7 @@ def trained_model(checkpoint: str | None, data: str | None) -> tuple[str, str]:
     latest = demo / "runs" / "demo" / "latest.json"
     if latest.is_file():
         rec = json.loads(latest.read_text())
-        return rec.get("best") or rec["checkpoint"], str(demo / "data")
+        return (rec.get("best") or rec)["checkpoint"], str(demo / "data")
     data = str(OUT / "out" / "data")
     ck = OUT / "out" / "ck"
     if not (Path(data) / "manifest.json").is_file():
