@@ -112,7 +112,7 @@ def build_backbone(cfg: ModelConfig) -> tuple[nn.Module, int, int]:
     if cfg.pretrained:
         load_pretrained(net, cfg.pretrained)
     else:
-        log.info("backbone %s: random initialisation (model.pretrained is empty)", cfg.backbone)
+        log.debug("backbone %s: random initialisation (model.pretrained is empty)", cfg.backbone)
     return net, net.out_channels, stride
 
 

@@ -32,8 +32,8 @@ from .procs import stop_marked
 
 MARKER = "POSETTP_DEMO_RUN"
 REPO = Path(__file__).resolve().parents[1]
-PERSONS, FRAMES, SIZE = 30, 30, 96  # -> 18 train, 3 val, 9 test persons
-TRAIN_STEPS, TRAIN_BATCH = 300, 8  # per worker; 2 workers
+PERSONS, FRAMES, SIZE, SHIFT = 30, 30, 96, 0.3  # -> 18 train, 3 val, 9 test persons; a milder shift
+TRAIN_STEPS, TRAIN_BATCH = 400, 8  # per worker; 2 workers
 TTP_STEPS = 60
 
 
@@ -54,6 +54,7 @@ class Demo:
                                        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
         self.env.pop("PYTHONPATH", None)
         self.timings: dict[str, float] = {}
+        self.steps_done = 0
         self.data = self.out / "data"
         self.store = self.out / "store"
 
@@ -69,7 +70,8 @@ class Demo:
         return log.read_text()
 
     def step(self, name: str, fn):
-        print(f"[{len(self.timings) + 1}/6] {name} ...", flush=True)
+        self.steps_done += 1
+        print(f"[{self.steps_done}/5] {name} ...", flush=True)
         t0 = time.perf_counter()
         result = fn()
         self.timings[name] = time.perf_counter() - t0
@@ -81,7 +83,8 @@ class Demo:
         if (self.data / "manifest.json").is_file():
             return
         self.run("synth", [sys.executable, "-m", "posettp.cli", "synth", "--out", str(self.data), "--persons",
-                           str(PERSONS), "--frames", str(FRAMES), "--size", str(SIZE), "--seed", "0"])
+                           str(PERSONS), "--frames", str(FRAMES), "--size", str(SIZE), "--seed", "0",
+                           "--shift", str(SHIFT)])
 
     # 2
     def train(self) -> str:

@@ -11,17 +11,23 @@ import numpy as np
 BASE_PROBE = "demo-base-probe"  # a person with no delta: the server answers with the base model
 
 
-def _post(url: str, person: str, jpeg: bytes, bbox) -> dict:
-    q = ",".join(f"{v:.2f}" for v in bbox)
-    req = urllib.request.Request(f"{url}/v1/persons/{person}/pose?bbox={q}", data=jpeg,
-                                 headers={"Content-Type": "image/jpeg"}, method="POST")
+def _png(image_rgb: np.ndarray) -> bytes:
+    """Lossless, so the server sees exactly the pixels `posettp evaluate` decodes from the shards."""
+    import cv2
+
+    return cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
+
+
+def _post(url: str, person: str, png: bytes, bbox) -> dict:
+    q = ",".join(repr(float(v)) for v in bbox)
+    req = urllib.request.Request(f"{url}/v1/persons/{person}/pose?bbox={q}", data=png,
+                                 headers={"Content-Type": "image/png"}, method="POST")
     with urllib.request.urlopen(req, timeout=60) as r:
         return json.loads(r.read())
 
 
 def query_persons(url: str, data: str) -> dict:
     """Every labeled test frame, posted as the person (personalized) and as a person with no delta (base)."""
-    from data.shards import encode_jpeg
     from training.evaluate import labeled_person_frames, score
 
     out = {}
@@ -29,7 +35,7 @@ def query_persons(url: str, data: str) -> dict:
         preds = {}
         for who in (pid, BASE_PROBE):
             with ThreadPoolExecutor(4) as pool:
-                answers = list(pool.map(lambda f, who=who: _post(url, who, encode_jpeg(f.image), f.bbox), frames))
+                answers = list(pool.map(lambda f, who=who: _post(url, who, _png(f.image), f.bbox), frames))
             preds[who] = answers
         personal = np.array([[[k["x"], k["y"], k["score"]] for k in a["keypoints"]] for a in preds[pid]])
         base = np.array([[[k["x"], k["y"], k["score"]] for k in a["keypoints"]] for a in preds[BASE_PROBE]])
