@@ -3,7 +3,6 @@ environments, free ports and stopping exactly the processes a test started."""
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from posettp.procs import pids_with_env, stop_pids
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -122,49 +123,6 @@ def flower_env(home: Path, **extra: str) -> dict:
     env.pop("PYTHONPATH", None)
     env.update(extra)
     return env
-
-
-def pids_with_env(key: str, value: str) -> list[int]:
-    """Processes of this user whose environment holds key=value (everything a test's tree started)."""
-    needle = f"{key}={value}".encode()
-    me, out = os.getpid(), []
-    for d in os.listdir("/proc"):
-        if not d.isdigit() or int(d) == me:
-            continue
-        try:
-            with open(f"/proc/{d}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    out.append(int(d))
-        except OSError:
-            continue
-    return out
-
-
-def stop_pids(pids: list[int], grace: float = 10.0) -> None:
-    """SIGTERM, wait, then SIGKILL the given PIDs (only those, never by name)."""
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _alive(p)]
-        time.sleep(0.2)
-    for pid in alive:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
 
 
 def stop_tree_by_env(home: Path) -> list[int]:
