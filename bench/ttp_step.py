@@ -44,7 +44,7 @@ class ReferenceStep:
         loss = (torch.stack(terms) / self.recon_loss.running_means).sum()
         loss.backward()
         self.optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
 
 def compare(config: str, overrides: list[str], batches=(1, 8, 32), repeats: int = 5) -> dict:

@@ -87,3 +87,30 @@ def test_tampered_stored_delta_is_refused_on_load(tmp_path, base):
     path.write_bytes(bytes(data))
     with pytest.raises(DeltaRejected, match="sha256"):
         store.load_latest("alice", info)
+
+
+def test_personalize_image_folder_writes_a_valid_delta_and_overlay(tmp_path):
+    import cv2
+    import numpy as np
+
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.delta import decode_and_validate
+
+    cfg = load_config("configs/synth_small.yaml", ["ttp.steps=2", "ttp.batch_size=2"])
+    save_checkpoint(str(tmp_path / "ck"), build_model(cfg.model), cfg)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), rng.integers(0, 255, (80, 60, 3), dtype=np.uint8))
+    out = subprocess.run([sys.executable, "-m", "posettp.cli", "personalize", "--checkpoint", str(tmp_path / "ck"),
+                          "--images", str(folder), "--person", "carol", "--scenario", "offline", "--out",
+                          str(tmp_path / "d.safetensors"), "--overlay", str(tmp_path / "overlay")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    ck = load_checkpoint(str(tmp_path / "ck"))
+    info = BaseModelInfo.from_model(ck.model, ck.sha256)
+    delta, meta = decode_and_validate((tmp_path / "d.safetensors").read_bytes(), info.state, info.allowed_keys,
+                                      ck.sha256)
+    assert meta["person_id"] == "carol" and meta["scenario"] == "offline"
+    assert len(list((tmp_path / "overlay").glob("*.png"))) == 4
