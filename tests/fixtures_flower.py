@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from posettp.procs import pids_with_env, stop_pids
+from tests.test_personalize import calibrate_norm_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -52,13 +53,7 @@ def make_checkpoint(url: str, overrides: list[str] | None = None, seed: int = 0)
     model = build_model(cfg.model)
     s = cfg.model.image_size
     crops = torch.rand(16, 3, s, s, generator=torch.Generator().manual_seed(seed))
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(crops, crops)
-    model.eval()
+    calibrate_norm_statistics(model, crops)
     recon = build_recon_loss(model, cfg)
     if recon is not None:
         recon(crops[:4], crops[4:8], update_means=True)
