@@ -11,7 +11,6 @@ import json
 import logging
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from model.checkpoint import Checkpoint, load_checkpoint, restore_loss_buffers

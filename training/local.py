@@ -10,11 +10,8 @@ from tqdm import tqdm
 from model.config import Config
 from model.network import PoseTTPNet, build_model
 
+from .data import labeled
 from .loop import build_recon_loss, make_optimizer, seed_everything, train_step
-
-
-def labeled(frames: list) -> list:
-    return [f for f in frames if f.keypoints[:, 2].any()]
 
 
 def infinite_batches(frames: list, cfg: Config, seed: int):

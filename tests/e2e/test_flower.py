@@ -186,6 +186,17 @@ def supernode_cmd(certs: Path, port: int, key: str, node_config: str) -> list[st
             "--auth-supernode-private-key", str(certs / key), "--node-config", node_config]
 
 
+def start_secure_superlink(procs, certs, port: int):
+    """A SuperLink with TLS and SuperNode authentication on 127.0.0.1:port, waited for."""
+    link = procs.start("superlink", [
+        str(VENV_BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
+        "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
+        "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
+        "--disable-runtime-dependency-installation"])
+    wait_port(port, 60, link)
+    return link
+
+
 def test_deployment_tls_node_auth_two_persons_and_unregistered_node_refused(assets, tmp_path):
     from data.shards import list_persons, load_frames
     from model.checkpoint import load_checkpoint
@@ -200,12 +211,7 @@ def test_deployment_tls_node_auth_two_persons_and_unregistered_node_refused(asse
     folder = tmp_path / "person-b-frames"
     write_image_folder(load_frames(assets["shards"], person=persons[1]), str(folder))
     try:
-        link = procs.start("superlink", [
-            str(VENV_BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
-            "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
-            "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
-            "--disable-runtime-dependency-installation"])
-        wait_port(port, 60, link)
+        start_secure_superlink(procs, certs, port)
         for key in ("node-1.pub", "node-2.pub"):
             res = flwr(["supernode", "register", str(certs / key), "deploy"], env, timeout=60)
             assert res.returncode == 0 and "registered" in res.stdout, res.stdout + res.stderr
@@ -269,12 +275,7 @@ def test_deployment_node_dropping_mid_round_does_not_stall_the_server(assets, tm
     persons = list_persons(assets["shards"], "test")[:2]
     timeout = 45.0
     try:
-        link = procs.start("superlink", [
-            str(VENV_BIN / "flower-superlink"), "--ssl-ca-certfile", str(certs / "ca.crt"),
-            "--ssl-certfile", str(certs / "server.pem"), "--ssl-keyfile", str(certs / "server.key"),
-            "--enable-supernode-auth", "--host", "127.0.0.1", "--port", str(port),
-            "--disable-runtime-dependency-installation"])
-        wait_port(port, 60, link)
+        start_secure_superlink(procs, certs, port)
         for key in ("node-1.pub", "node-2.pub"):
             assert flwr(["supernode", "register", str(certs / key), "deploy"], env, timeout=60).returncode == 0
         procs.start("node-a", supernode_cmd(certs, port, "node-1",
