@@ -32,7 +32,9 @@ class ModelConfig:
     heads: int = 4
     ffn: int = 1024
     dropout: float = 0.1
-    sigma: float = 2.0  # Gaussian sigma on the heatmap grid
+    sigma: float = 2.0  # Gaussian sigma on the heatmap grid (supervised targets)
+    kp_beta: float = 0.0  # >0: standardise each H_self map, scale by kp_beta, then soft-argmax; 0 = raw logits
+    kp_sigma: float = 0.0  # sigma of the self-supervised keypoint Gaussians fed to the renderer; 0 = sigma
     pretrained: str = ""  # local path to ImageNet ResNet weights; empty = random init (logged)
 
 
@@ -43,6 +45,7 @@ class LossConfig:
     vgg_weights: str = ""
     pixel_weight: float = 1.0
     grad_weight: float = 0.0  # L1 on image x/y gradients (cheap stand-in for perceptual)
+    motion_focus: float = 0.0  # 0..1: share of the pixel/gradient loss weighted by |target - source| (label-free)
     rotation_weight: float = 1e-4  # shared_rotation variant
     running_mean_momentum: float = 0.99
 
@@ -86,6 +89,10 @@ class TTPConfig:
     guard: bool = True
     guard_ratio: float = 1.5  # self-supervised loss above ratio * reference = divergence
     guard_window: int = 5
+    # Pose-signal check: adapt only if swapping the keypoints between probe frames raises the base model's
+    # loss by this ratio (else the loss cannot tell a right pose from a wrong one); 0 = off
+    min_pose_signal: float = 1.02
+    signal_frames: int = 16  # online: frames seen before the check; no adaptation until then
     seed: int = 0
 
 

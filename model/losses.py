@@ -103,18 +103,35 @@ class ReconstructionLoss(nn.Module):
                 feats.append(x)
         return feats
 
-    def raw_terms(self, recon: torch.Tensor, target: torch.Tensor) -> list[torch.Tensor]:
-        terms = [F.mse_loss(recon, target) * self.cfg.pixel_weight]
+    def pixel_weights(self, target: torch.Tensor, source: torch.Tensor | None) -> torch.Tensor | None:
+        """Per-pixel weights (B, 1, H, W) with mean 1 that put `motion_focus` of the mass where target and
+        source differ: with a static scene that is where the body moved, the only part of the target the
+        source cannot explain, so copying the source no longer scores well and the keypoints must carry it.
+        Needs no labels, so TTP uses the same loss."""
+        if not self.cfg.motion_focus or source is None:
+            return None
+        motion = F.avg_pool2d((target - source).abs().mean(1, keepdim=True), 5, 1, 2)
+        motion = motion / motion.mean(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+        return (1 - self.cfg.motion_focus) + self.cfg.motion_focus * motion
+
+    def raw_terms(self, recon: torch.Tensor, target: torch.Tensor,
+                  source: torch.Tensor | None = None) -> list[torch.Tensor]:
+        w = self.pixel_weights(target, source)
+        if w is None:
+            terms = [F.mse_loss(recon, target) * self.cfg.pixel_weight]
+        else:
+            terms = [((recon - target) ** 2 * w).mean() * self.cfg.pixel_weight]
         if self.vgg is not None:
             with torch.no_grad():
                 target_feats = self._vgg_feats(target)  # the target side needs no graph
             terms += [F.mse_loss(a, b) for a, b in zip(self._vgg_feats(recon), target_feats)]
         if self.cfg.grad_weight:
-            terms.append(self.cfg.grad_weight * image_gradient_l1(recon, target))
+            terms.append(self.cfg.grad_weight * image_gradient_l1(recon, target, w))
         return terms
 
-    def forward(self, recon: torch.Tensor, target: torch.Tensor, update_means: bool | None = None) -> torch.Tensor:
-        terms = self.raw_terms(recon, target)
+    def forward(self, recon: torch.Tensor, target: torch.Tensor, source: torch.Tensor | None = None,
+                update_means: bool | None = None) -> torch.Tensor:
+        terms = self.raw_terms(recon, target, source)
         stacked = torch.stack(terms)
         if update_means if update_means is not None else self.training:
             with torch.no_grad():
@@ -128,10 +145,13 @@ class ReconstructionLoss(nn.Module):
         return (stacked / self.running_means).sum()
 
 
-def image_gradient_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def image_gradient_l1(a: torch.Tensor, b: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
     dx = lambda t: t[..., :, 1:] - t[..., :, :-1]  # noqa: E731
     dy = lambda t: t[..., 1:, :] - t[..., :-1, :]  # noqa: E731
-    return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
+    if w is None:
+        return (dx(a) - dx(b)).abs().mean() + (dy(a) - dy(b)).abs().mean()
+    wx, wy = (w[..., :, 1:] + w[..., :, :-1]) / 2, (w[..., 1:, :] + w[..., :-1, :]) / 2
+    return ((dx(a) - dx(b)).abs() * wx).mean() + ((dy(a) - dy(b)).abs() * wy).mean()
 
 
 def rotation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -120,10 +120,11 @@ class PoseTTPNet(nn.Module):
         self.encoder = Encoder(cfg)
         c = cfg.feat_channels
         if self.variant in ("shared_keypoint", "transformer"):
+            # PyTorch's default init on purpose: logits of order 1 scatter the 30 keypoints over the image
+            # from the first step, so the renderer learns to use them. A near-zero init (SimpleBaseline's
+            # std 0.001) puts every keypoint at the centre, the renderer learns to ignore them and the
+            # reconstruction never depends on the pose (measured: shuffling keypoints changed nothing).
             self.self_head = nn.Conv2d(c, cfg.num_keypoints, 1)
-            # small logits at init keep the marginal soft-argmax unsaturated, so L_self has a gradient
-            nn.init.normal_(self.self_head.weight, std=0.001)
-            nn.init.zeros_(self.self_head.bias)
             self.kp_encoder = ConvEncoder(cfg.num_keypoints, cfg.render_width)
             self.appearance = ConvEncoder(3, cfg.render_width)
             self.renderer = Renderer(cfg.render_width, cfg.render_skip)
@@ -164,8 +165,14 @@ class PoseTTPNet(nn.Module):
 
     def keypoint_maps(self, h_self: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Condensed keypoints (heatmap units) and their Gaussians upsampled to the image size."""
+        if self.cfg.kp_beta:
+            # The supervised loss keeps H_self in about [0, 1], so raw logits give a flat softmax and every
+            # keypoint drifts to the image centre; a standardised, scaled map follows its peak instead.
+            mean = h_self.mean(dim=(2, 3), keepdim=True)
+            std = h_self.std(dim=(2, 3), keepdim=True).clamp_min(1e-4)
+            h_self = (h_self - mean) / std * (self.cfg.kp_beta / h_self.shape[-2])
         coords = marginal_soft_argmax(h_self)
-        maps = gaussian_maps(coords, h_self.shape[-1], self.cfg.sigma)
+        maps = gaussian_maps(coords, h_self.shape[-1], self.cfg.kp_sigma or self.cfg.sigma)
         return coords, F.interpolate(maps, size=self.cfg.image_size, mode="bilinear", align_corners=False)
 
     def reconstruct(self, h_self: torch.Tensor, source: torch.Tensor,

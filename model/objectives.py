@@ -41,7 +41,7 @@ def self_loss(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, target: 
             with torch.no_grad():
                 appearance = model.appearance(source)
         rec = model.reconstruct(h_self, source, appearance)
-        loss = recon_loss(rec["recon"], target, update_means=update_means)
+        loss = recon_loss(rec["recon"], target, source, update_means=update_means)
         return loss, {"recon": rec["recon"], "kp_coords": rec["kp_coords"]}
     if model.variant == "shared_rotation":
         rotated, labels = rotate_batch(target)
@@ -70,7 +70,7 @@ def joint_loss(model, core: PoseTTPNet, recon_loss: ReconstructionLoss | None, b
     hm_target = heatmap_targets(batch["joints"], core.cfg.image_size, core.cfg.sigma)
     l_sup = supervised_loss(out["h_sup"].float(), hm_target, batch["visible"])
     if "recon" in out:
-        l_self = recon_loss(out["recon"].float(), target)
+        l_self = recon_loss(out["recon"].float(), target, source)
     elif "rotation" in out:
         l_self = rotation_loss(out["rotation"].float(), labels)
     else:

@@ -9,9 +9,15 @@ Every person starts from the base weights and a fresh optimizer. The model runs 
 eval mode (norm layers keep their training statistics); norm affines, the
 Transformer/supervised head and whatever is not in `cfg.adapt` stay frozen.
 
-The collapse guard (beyond the paper) watches the self-supervised loss on a fixed
-probe batch -- never a label -- and rolls back to the last good weights when it
-rises above `guard_ratio` times its value before adaptation.
+Two label-free safeguards (beyond the paper):
+- the pose-signal check: before adapting, swap the keypoints between the frames of a
+  probe batch; if the base model's reconstruction loss hardly rises (< `min_pose_signal`),
+  the loss does not depend on where the keypoints are, its gradient carries no pose
+  information, and adapting can only drift -- so this person keeps the base weights;
+- the collapse guard watches the self-supervised loss on a fixed probe batch and rolls
+  back to the last good weights when it rises above `guard_ratio` times its value
+  before adaptation.
+Both count as guard events.
 """
 from __future__ import annotations
 
@@ -79,6 +85,7 @@ class _Adapter:
         self.cfg = cfg
         self.frozen_appearance = "appearance" not in cfg.adapt
         self.guard_events = 0
+        self.pose_signal: float | None = None
         self.stopped = False
         self.good_state: dict[str, torch.Tensor] | None = None
         self.reset()
@@ -108,6 +115,21 @@ class _Adapter:
     @torch.no_grad()
     def probe(self, probe_batch, model: PoseTTPNet | None = None) -> float:
         return float(self.loss(*probe_batch, model=model))
+
+    @torch.no_grad()
+    def check_pose_signal(self, probe_batch) -> bool:
+        """Measure the base model's pose signal on the probe batch; stop (keep the base) when too weak."""
+        if not self.base.has_reconstruction or not self.cfg.min_pose_signal:
+            return True
+        target, source = probe_batch
+        own = self.probe(probe_batch, self.base)
+        swapped, _ = self_loss(self.base, self.recon_loss, target, source,
+                               h_self=self.base.self_logits(target).roll(1, 0), update_means=False)
+        self.pose_signal = float(swapped) / max(own, 1e-12)
+        if self.pose_signal < self.cfg.min_pose_signal:
+            self.guard_events += 1
+            self.stopped = True
+        return not self.stopped
 
     def check(self, probe_batch) -> None:
         """Guard: the probe loss of the adapted model vs the base model's; roll back on divergence."""
@@ -166,7 +188,8 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
     losses: list[float] = []
     if scenario == "offline":
         probe_batch = probe(n)
-        for step in range(cfg.steps):
+        adapter.check_pose_signal(probe_batch)
+        for step in range(cfg.steps if not adapter.stopped else 0):
             losses.append(adapter.step(*pairs(_draw(np.arange(n), bs, gen), n, gen)))
             if cfg.guard and (step + 1) % cfg.guard_window == 0:
                 adapter.check(probe_batch)
@@ -176,7 +199,10 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
         for t in range(n):
             if cfg.reset_every and t and t % cfg.reset_every == 0:
                 adapter.reset()
-            if ((groups[:t] == groups[t])).any():  # an earlier frame of this video exists
+            if adapter.pose_signal is None and t + 1 >= cfg.signal_frames:
+                adapter.check_pose_signal(probe(t + 1))
+            ready = adapter.pose_signal is not None or not cfg.min_pose_signal or not model.has_reconstruction
+            if ready and (groups[:t] == groups[t]).any():  # an earlier frame of this video exists
                 for _ in range(cfg.iters):
                     target, source = pairs(np.full(bs, t), t, gen)
                     losses.append(adapter.step(target, source))
@@ -191,7 +217,7 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
         "scenario": scenario, "frames": int(n), "steps": len(losses),
         "loss_before": adapter.probe(probe_batch, adapter.base), "loss_after": adapter.probe(probe_batch),
         "loss_first": finite[0] if finite else float("nan"), "loss_last": finite[-1] if finite else float("nan"),
-        "guard_events": adapter.guard_events, "seconds": time.perf_counter() - t0,
+        "guard_events": adapter.guard_events, "pose_signal": adapter.pose_signal, "seconds": time.perf_counter() - t0,
     }
     state = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
     return TTPResult(predictions=predictions, state=state, metrics=metrics)

@@ -19,7 +19,7 @@ from tests.test_personalize import calibrate_norm_statistics
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
-TINY_OVERRIDES = ["ttp.batch_size=4", "ttp.steps=4", "ttp.guard=false"]
+TINY_OVERRIDES = ["ttp.batch_size=4", "ttp.steps=4", "ttp.guard=false", "ttp.min_pose_signal=0"]
 
 
 def free_port() -> int:

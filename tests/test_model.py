@@ -126,3 +126,21 @@ def test_perceptual_vgg16_without_weights_file_is_an_explicit_error():
     loss = ReconstructionLoss(cfg.loss)
     assert "random" in loss.mode
     assert loss.running_means.numel() == 1 + 5 + 1  # pixels, five VGG layers, gradient term
+
+
+def test_motion_focus_weights_errors_where_the_body_moved():
+    cfg = small_cfg()
+    cfg.loss.motion_focus, cfg.loss.grad_weight = 0.9, 0.0
+    loss = ReconstructionLoss(cfg.loss)
+    source = torch.full((1, 3, 64, 64), 0.5)
+    target = source.clone()
+    target[..., 20:30, 20:30] = 0.9  # a limb moved here; the rest of the scene is static
+    weights = loss.pixel_weights(target, source)
+    assert weights.mean().item() == pytest.approx(1.0, abs=1e-5)
+    moved_err, still_err = target.clone(), target.clone()
+    moved_err[..., 22:26, 22:26] += 0.1
+    still_err[..., 50:54, 50:54] += 0.1
+    err_moved = loss.raw_terms(moved_err, target, source)[0]
+    err_still = loss.raw_terms(still_err, target, source)[0]
+    assert err_moved > 5 * err_still  # an error on the moving body costs far more than one on the background
+    assert err_still > 0  # yet the static scene still counts (1 - motion_focus of the mass)

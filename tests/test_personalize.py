@@ -24,7 +24,8 @@ def calibrate_norm_statistics(model, crops):
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = load_config("configs/synth_small.yaml", ["ttp.steps=6", "ttp.batch_size=4", "ttp.lr=1e-3", "ttp.guard=false"])
+    cfg = load_config("configs/synth_small.yaml", ["ttp.steps=6", "ttp.batch_size=4", "ttp.lr=1e-3", "ttp.guard=false",
+                                                     "ttp.min_pose_signal=0"])
     torch.manual_seed(0)
     model = build_model(cfg.model)
     recon = build_recon_loss(model, cfg)
@@ -93,3 +94,32 @@ def test_guard_rolls_back_a_diverging_person(setup):
     result = personalize(model, recon, crops, matrices, groups, wild, "offline", seed=0)
     assert result.metrics["guard_events"] >= 1
     assert result.metrics["loss_after"] <= 1.05 * result.metrics["loss_before"] + 1e-6
+
+
+def test_pose_signal_check_keeps_the_base_when_the_loss_ignores_the_keypoints(setup):
+    cfg, model, recon, crops, matrices, groups = setup
+    blind = build_model(cfg.model)
+    blind.load_state_dict(model.state_dict())
+    blind.eval()
+    with torch.no_grad():
+        for p in blind.kp_encoder.parameters():
+            p.zero_()  # the renderer now sees the same keypoint code whatever the keypoints are
+    checked = load_config("configs/synth_small.yaml", ["ttp.steps=6", "ttp.batch_size=4", "ttp.lr=1e-3",
+                                                       "ttp.guard=false", "ttp.min_pose_signal=1.02"]).ttp
+    result = personalize(blind, recon, crops, matrices, groups, checked, "offline", seed=0)
+    assert result.metrics["pose_signal"] == pytest.approx(1.0, abs=1e-4)
+    assert result.metrics["guard_events"] == 1 and result.metrics["steps"] == 0
+    assert all(torch.equal(v, blind.state_dict()[k]) for k, v in result.state.items())
+    np.testing.assert_array_equal(result.predictions, predict_crops(blind, crops, matrices))
+
+
+def test_online_waits_for_the_pose_signal_before_adapting(setup):
+    cfg, model, recon, crops, matrices, groups = setup
+    checked = load_config("configs/synth_small.yaml", ["ttp.batch_size=4", "ttp.lr=1e-2", "ttp.guard=false",
+                                                       "ttp.min_pose_signal=0.5", "ttp.signal_frames=9"]).ttp
+    groups = np.zeros(len(crops), np.int64)
+    result = personalize(model, recon, crops, matrices, groups, checked, "online", seed=0)
+    base = predict_crops(model, crops, matrices)
+    assert result.metrics["pose_signal"] is not None and result.metrics["pose_signal"] >= 0.5
+    np.testing.assert_allclose(result.predictions[:8], base[:8], atol=1e-5)  # frames 0..7: nothing adapted yet
+    assert result.metrics["steps"] == len(crops) - 8  # one update per frame from frame 8 on
