@@ -89,6 +89,9 @@ class TTPConfig:
     guard: bool = True
     guard_ratio: float = 1.5  # self-supervised loss above ratio * reference = divergence
     guard_window: int = 5
+    # ... and when the mean peak of the supervised heatmaps on the probe frames falls below this ratio of the
+    # base model's (the pose head grows less sure of itself: TTP is pulling the features away); 0 = off
+    guard_confidence: float = 1.0
     # Pose-signal check: adapt only if swapping the keypoints between probe frames raises the base model's
     # loss by this ratio (else the loss cannot tell a right pose from a wrong one); 0 = off
     min_pose_signal: float = 1.02

@@ -123,3 +123,20 @@ def test_online_waits_for_the_pose_signal_before_adapting(setup):
     assert result.metrics["pose_signal"] is not None and result.metrics["pose_signal"] >= 0.5
     np.testing.assert_allclose(result.predictions[:8], base[:8], atol=1e-5)  # frames 0..7: nothing adapted yet
     assert result.metrics["steps"] == len(crops) - 8  # one update per frame from frame 8 on
+
+
+def test_confidence_guard_rolls_back_when_the_pose_head_grows_less_sure(setup):
+    cfg, model, recon, crops, matrices, groups = setup
+
+    def run(guard_confidence):
+        ttp = load_config("configs/synth_small.yaml", [
+            "ttp.steps=6", "ttp.batch_size=4", "ttp.lr=1e-3", "ttp.guard_window=2", "ttp.guard_ratio=1e9",
+            "ttp.min_pose_signal=0", f"ttp.guard_confidence={guard_confidence}"]).ttp
+        return personalize(model, recon, crops, matrices, groups, ttp, "offline", seed=0)
+
+    free = run(0)  # the loss criterion can never fire (ratio 1e9): without the confidence test it adapts
+    assert free.metrics["guard_events"] == 0
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in free.state.items())
+    strict = run(1e6)  # no adapted model can be a million times surer than the base: the first check rolls back
+    assert strict.metrics["guard_events"] == 1
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in strict.state.items())
