@@ -46,7 +46,9 @@ def main(args) -> int:
         io.ensure_writable(args.store)
     dtype = args.dtype or "int8"
     data, metrics, result = run_ttp(ck, frames, args.scenario, cfg.ttp, cfg.ttp.seed, person, dtype)
-    if store:
+    if metrics["delta_tensors"] == 0:
+        print(f"TTP kept the base weights for {person} ({metrics['guard_events']} safeguard events): no delta to file")
+    elif store:
         record = store.file_delta(person, data, BaseModelInfo.from_model(ck.model, ck.sha256))
         print(f"filed delta for {person}: version {record['version']} ({record['bytes']:,} bytes) in {args.store}")
     else:

@@ -96,7 +96,8 @@ def test_personalize_image_folder_writes_a_valid_delta_and_overlay(tmp_path):
     from model.checkpoint import load_checkpoint, save_checkpoint
     from model.delta import decode_and_validate
 
-    cfg = load_config("configs/synth_small.yaml", ["ttp.steps=2", "ttp.batch_size=2"])
+    cfg = load_config("configs/synth_small.yaml", ["ttp.steps=2", "ttp.batch_size=2", "ttp.guard=false",
+                                                     "ttp.min_pose_signal=0"])
     save_checkpoint(str(tmp_path / "ck"), build_model(cfg.model), cfg)
     folder = tmp_path / "frames"
     folder.mkdir()

@@ -153,7 +153,8 @@ def table2(exp: Experiment) -> dict:
         cells = []
         for guard in (False, True):
             tag = f"-it{iters}-{'guard' if guard else 'noguard'}"
-            evals = [exp.evaluation("transformer", s, "online", tag, [f"ttp.iters={iters}", f"ttp.guard={guard}"])
+            evals = [exp.evaluation("transformer", s, "online", tag, [f"ttp.iters={iters}", f"ttp.guard={guard}"]
+                                     + ([] if guard else ["ttp.min_pose_signal=0"]))
                      for s in range(exp.seeds)]
             means = [np.mean([r["pck@0.2"] for r in e["persons"]]) for e in evals]
             events = sum(r["ttp"]["guard_events"] for e in evals for r in e["persons"])
