@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data.shards import SCHEMA, list_persons, load_frames, read_manifest, read_table
-from data.synth import (SynthConfig, main, make_person, person_frames, person_id, split_plan)
+from data.synth import (DEFAULT_STRENGTH, SynthConfig, main, make_person, person_frames, person_id, split_plan)
 from data.synth.look import SHIFT_HAIR, SHIFT_SCENES, SHIFT_TEXTURES, TRAIN_SCENES, TRAIN_TEXTURES, Shift
 from model.transforms import PENN_JOINTS
 
@@ -109,7 +109,8 @@ def test_cli_writes_shards_manifest_and_contact_sheet(tmp_path):
                               extra_frames=8)
     assert main(args) == 0
     m = read_manifest(out)
-    assert m["dataset"] == "synth" and m["joints"] == list(PENN_JOINTS) and m["generator"]["shift"] == 0.5
+    assert m["dataset"] == "synth" and m["joints"] == list(PENN_JOINTS) and m["generator"]["shift"] == DEFAULT_STRENGTH
+    assert m["generator"]["calibration"]["pck@0.2_without_ttp"]
     assert {s: c["persons"] for s, c in m["splits"].items()} == {"train": 2, "val": 1, "test": 1}
     assert m["splits"]["test"] == {"persons": 1, "frames": 20, "labeled_frames": 12}
     assert read_table(out).schema.equals(SCHEMA)
