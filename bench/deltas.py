@@ -18,6 +18,8 @@ from model.personalize import personalize
 from model.predict import predict_crops
 from training.evaluate import labeled_person_frames, model_with_loss, score
 
+from .common import always_adapting
+
 HEADER_BYTES = 600  # safetensors header + metadata, measured on encoded deltas of this size
 
 
@@ -53,7 +55,7 @@ def run(checkpoint: str, data: str, persons: int, out_png: str | None = None) ->
     sizes: dict[str, list] = {}
     for pid, frames in labeled_person_frames(data, "test", persons).items():
         crops, matrices, groups = prepare_frames(frames, ck.config.model.image_size)
-        result = personalize(model, recon, crops, matrices, groups, ck.config.ttp, "offline", seed=0)
+        result = personalize(model, recon, crops, matrices, groups, always_adapting(ck.config.ttp), "offline", seed=0)
         delta = extract_delta(base, result.state, keys)
         variants = {}
         for dtype in ("fp32", "fp16", "int8"):

@@ -17,6 +17,8 @@ from model.predict import predict_crops
 from model.realtime import RealtimePersonalizer
 from training.loop import build_recon_loss
 
+from .common import always_adapting
+
 
 def latencies(fn, crops, matrices, groups, fps: float) -> np.ndarray:
     """Feed frames at a fixed rate (a camera), returning per-frame latency in ms."""
@@ -36,7 +38,7 @@ def latencies(fn, crops, matrices, groups, fps: float) -> np.ndarray:
 def measure(model, recon, cfg, crops, matrices, groups, fps: float = 15.0) -> dict:
     torch.set_num_threads(1)
     pure = latencies(lambda c, m, g: predict_crops(model, c[None], m[None]), crops, matrices, groups, fps)
-    rt = RealtimePersonalizer(model, recon, cfg.ttp, adapt_threads=1)
+    rt = RealtimePersonalizer(model, recon, always_adapting(cfg.ttp), adapt_threads=1)
     try:
         real = latencies(rt.predict, crops, matrices, groups, fps)
     finally:

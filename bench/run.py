@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from . import deltas, forward, realtime, ttp_step
-from .common import machine, peak_rss_mb
+from .common import always_adapting, machine, peak_rss_mb
 
 OUT = Path("bench")
 
@@ -57,14 +57,15 @@ def online_and_offline(checkpoint: str, data: str, persons: int = 4) -> dict:
 
     ck = load_checkpoint(checkpoint)
     model, recon = model_with_loss(ck)
+    ttp = always_adapting(ck.config.ttp)
     fps, offline_s = [], []
     for frames in list(labeled_person_frames(data, "test", persons).values()):
         crops, matrices, groups = prepare_frames(frames, ck.config.model.image_size)
         t0 = time.perf_counter()
-        personalize(model, recon, crops, matrices, groups, ck.config.ttp, "online")
+        personalize(model, recon, crops, matrices, groups, ttp, "online")
         fps.append(len(frames) / (time.perf_counter() - t0))
         t0 = time.perf_counter()
-        personalize(model, recon, crops, matrices, groups, ck.config.ttp, "offline")
+        personalize(model, recon, crops, matrices, groups, ttp, "offline")
         offline_s.append(time.perf_counter() - t0)
     return {"online_fps_small": float(np.median(fps)), "offline_s_per_person": float(np.median(offline_s))}
 

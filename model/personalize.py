@@ -168,6 +168,20 @@ def _draw(pool: np.ndarray, k: int, gen: torch.Generator) -> np.ndarray:
     return pool[torch.randint(len(pool), (k,), generator=gen).numpy()]
 
 
+def draw_pairs(crops: torch.Tensor, groups: np.ndarray, targets: np.ndarray, limit: int, gen: torch.Generator):
+    """(target, source) crops: each source from the target's video among frames < limit; shared augmentation."""
+    n = len(groups)
+    sources = np.array([_draw(np.flatnonzero((groups == groups[t]) & (np.arange(n) < limit)), 1, gen)[0]
+                        for t in targets])
+    return shared_augment(crops[targets], crops[sources], gen)
+
+
+def probe_pairs(crops: torch.Tensor, groups: np.ndarray, limit: int, batch_size: int, seed: int):
+    """A fixed probe batch among frames < limit (its own generator: reproducible, look-ahead free)."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    return draw_pairs(crops, groups, _draw(np.arange(limit), batch_size, g), limit, g)
+
+
 def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops: torch.Tensor,
                 matrices: np.ndarray, groups: np.ndarray, cfg: TTPConfig, scenario: str,
                 seed: int = 0, on_frame=None) -> TTPResult:
@@ -186,15 +200,10 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
     adapter = _Adapter(model, recon_loss, cfg)
 
     def pairs(targets: np.ndarray, limit: int, g: torch.Generator):
-        """Sources from the same video as each target, among frames < limit; shared augmentation."""
-        sources = np.array([_draw(np.flatnonzero((groups == groups[t]) & (np.arange(n) < limit)), 1, g)[0]
-                            for t in targets])
-        return shared_augment(crops[targets], crops[sources], g)
+        return draw_pairs(crops, groups, targets, limit, g)
 
     def probe(limit: int):
-        """A fixed probe batch among frames < limit (its own generator: reproducible, look-ahead free)."""
-        g = torch.Generator().manual_seed(seed + 7919)
-        return pairs(_draw(np.arange(limit), bs, g), limit, g)
+        return probe_pairs(crops, groups, limit, bs, seed)
 
     losses: list[float] = []
     if scenario == "offline":

@@ -1,7 +1,7 @@
 """Real-time online TTP (beyond the paper): prediction for frame t never waits for adaptation.
 
 A background thread adapts a private copy of the model on the stream seen so far
-and publishes a snapshot of the adapted tensors after each update; `predict`
+(after the same pose-signal check as the synchronous online mode) and publishes a snapshot of the adapted tensors after each update; `predict`
 runs on whatever snapshot is newest, swapping it in by reference (no copy on
 the prediction path and no lock held while the network runs).
 """
@@ -17,7 +17,7 @@ import torch
 from .config import TTPConfig
 from .losses import ReconstructionLoss
 from .network import PoseTTPNet
-from .personalize import _Adapter, shared_augment
+from .personalize import _Adapter, draw_pairs, probe_pairs
 from .predict import predict_crops
 
 
@@ -35,6 +35,7 @@ class RealtimePersonalizer:
         self._groups: list[int] = []
         self._queue: queue.Queue = queue.Queue()
         self._gen = torch.Generator().manual_seed(seed)
+        self._seed = seed
         self._lock = threading.Lock()
         self.updates = 0
         self._adapt_threads = adapt_threads
@@ -55,18 +56,23 @@ class RealtimePersonalizer:
             with self._lock:
                 crops = torch.stack(self._frames[: t + 1])
                 groups = np.array(self._groups[: t + 1])
-            earlier = np.flatnonzero(groups[:t] == groups[t])
-            if not len(earlier):
+            if not self._pose_signal_allows(crops, groups, t) or not (groups[:t] == groups[t]).any():
                 continue
-            bs = self.cfg.batch_size
             for _ in range(self.cfg.iters):
-                sources = earlier[torch.randint(len(earlier), (bs,), generator=self._gen).numpy()]
-                target, source = shared_augment(crops[[t] * bs], crops[sources], self._gen)
-                self.adapter.step(target, source)
+                self.adapter.step(*draw_pairs(crops, groups, np.full(self.cfg.batch_size, t), t, self._gen))
                 self.updates += 1
             params = dict(self.adapter.model.named_parameters())
             self._snapshot = {n: params[n].detach().clone() for n in self.names}
             self._published += 1
+
+    def _pose_signal_allows(self, crops: torch.Tensor, groups: np.ndarray, t: int) -> bool:
+        """The synchronous online mode's pose-signal check: no update before `signal_frames`, none after a fail."""
+        a = self.adapter
+        if a.pose_signal is None and self.cfg.min_pose_signal and a.base.has_reconstruction:
+            if t + 1 < self.cfg.signal_frames:
+                return False
+            a.check_pose_signal(probe_pairs(crops, groups, t + 1, self.cfg.batch_size, self._seed))
+        return not a.stopped
 
     def predict(self, crop: torch.Tensor, matrix: np.ndarray, group: int = 0) -> np.ndarray:
         """Predict this frame with the newest adapted weights, then queue it for adaptation."""

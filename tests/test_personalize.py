@@ -1,4 +1,6 @@
 """TTP mechanics: what is frozen stays frozen, online never looks ahead, persons start equal, deltas reproduce."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +142,33 @@ def test_confidence_guard_rolls_back_when_the_pose_head_grows_less_sure(setup):
     strict = run(1e6)  # no adapted model can be a million times surer than the base: the first check rolls back
     assert strict.metrics["guard_events"] == 1
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in strict.state.items())
+
+
+def test_realtime_mode_applies_the_pose_signal_check(setup):
+    from model.realtime import RealtimePersonalizer
+
+    cfg, model, recon, crops, matrices, groups = setup
+    blind = build_model(cfg.model)
+    blind.load_state_dict(model.state_dict())
+    blind.eval()
+    with torch.no_grad():
+        for p in blind.kp_encoder.parameters():
+            p.zero_()  # the reconstruction no longer depends on the keypoints
+    runs = {}
+    for name, signal in (("checked", 1.02), ("unchecked", 0.0)):
+        ttp = load_config("configs/synth_small.yaml", ["ttp.batch_size=4", f"ttp.min_pose_signal={signal}",
+                                                       "ttp.signal_frames=3"]).ttp
+        rt = RealtimePersonalizer(blind, recon, ttp)
+        try:
+            for i in range(len(crops)):
+                rt.predict(crops[i], matrices[i], int(groups[i]))
+                deadline = time.monotonic() + 10
+                while not rt._queue.empty() and time.monotonic() < deadline:  # pace the stream: every frame
+                    time.sleep(0.01)  # reaches the adapter thread
+                time.sleep(0.05)
+        finally:
+            rt.close()
+        runs[name] = rt
+    assert runs["checked"].adapter.pose_signal == pytest.approx(1.0, abs=1e-4)
+    assert runs["checked"].updates == 0  # the loss ignores the keypoints: never adapt
+    assert runs["unchecked"].updates > 0
