@@ -24,6 +24,17 @@ def calibrate_norm_statistics(model, crops):
     model.eval()
 
 
+def keypoint_blind_copy(model, cfg):
+    """A copy whose renderer gets the same keypoint code whatever the keypoints are (kp_encoder zeroed)."""
+    blind = build_model(cfg.model)
+    blind.load_state_dict(model.state_dict())
+    blind.eval()
+    with torch.no_grad():
+        for p in blind.kp_encoder.parameters():
+            p.zero_()
+    return blind
+
+
 @pytest.fixture(scope="module")
 def setup():
     cfg = load_config("configs/synth_small.yaml", ["ttp.steps=6", "ttp.batch_size=4", "ttp.lr=1e-3", "ttp.guard=false",
@@ -100,12 +111,7 @@ def test_guard_rolls_back_a_diverging_person(setup):
 
 def test_pose_signal_check_keeps_the_base_when_the_loss_ignores_the_keypoints(setup):
     cfg, model, recon, crops, matrices, groups = setup
-    blind = build_model(cfg.model)
-    blind.load_state_dict(model.state_dict())
-    blind.eval()
-    with torch.no_grad():
-        for p in blind.kp_encoder.parameters():
-            p.zero_()  # the renderer now sees the same keypoint code whatever the keypoints are
+    blind = keypoint_blind_copy(model, cfg)
     checked = load_config("configs/synth_small.yaml", ["ttp.steps=6", "ttp.batch_size=4", "ttp.lr=1e-3",
                                                        "ttp.guard=false", "ttp.min_pose_signal=1.02"]).ttp
     result = personalize(blind, recon, crops, matrices, groups, checked, "offline", seed=0)
@@ -148,12 +154,7 @@ def test_realtime_mode_applies_the_pose_signal_check(setup):
     from model.realtime import RealtimePersonalizer
 
     cfg, model, recon, crops, matrices, groups = setup
-    blind = build_model(cfg.model)
-    blind.load_state_dict(model.state_dict())
-    blind.eval()
-    with torch.no_grad():
-        for p in blind.kp_encoder.parameters():
-            p.zero_()  # the reconstruction no longer depends on the keypoints
+    blind = keypoint_blind_copy(model, cfg)
     runs = {}
     for name, signal in (("checked", 1.02), ("unchecked", 0.0)):
         ttp = load_config("configs/synth_small.yaml", ["ttp.batch_size=4", f"ttp.min_pose_signal={signal}",
