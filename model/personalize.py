@@ -209,7 +209,9 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
     if scenario == "offline":
         probe_batch = probe(n)
         adapter.check_pose_signal(probe_batch)
-        for step in range(cfg.steps if not adapter.stopped else 0):
+        for step in range(cfg.steps):
+            if adapter.stopped:  # a safeguard kept the base or rolled back: no more updates
+                break
             losses.append(adapter.step(*pairs(_draw(np.arange(n), bs, gen), n, gen)))
             if cfg.guard and (step + 1) % cfg.guard_window == 0:
                 adapter.check(probe_batch)
@@ -222,7 +224,7 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
             if adapter.pose_signal is None and t + 1 >= cfg.signal_frames:
                 adapter.check_pose_signal(probe(t + 1))
             ready = adapter.pose_signal is not None or not cfg.min_pose_signal or not model.has_reconstruction
-            if ready and (groups[:t] == groups[t]).any():  # an earlier frame of this video exists
+            if ready and not adapter.stopped and (groups[:t] == groups[t]).any():  # an earlier frame of this video
                 for _ in range(cfg.iters):
                     target, source = pairs(np.full(bs, t), t, gen)
                     losses.append(adapter.step(target, source))

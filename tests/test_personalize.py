@@ -106,6 +106,7 @@ def test_guard_rolls_back_a_diverging_person(setup):
                                                     "ttp.guard_window=2", "ttp.guard_ratio=1.05"]).ttp
     result = personalize(model, recon, crops, matrices, groups, wild, "offline", seed=0)
     assert result.metrics["guard_events"] >= 1
+    assert result.metrics["steps"] < 20  # no update after the rollback
     assert result.metrics["loss_after"] <= 1.05 * result.metrics["loss_before"] + 1e-6
 
 
