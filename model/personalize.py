@@ -124,10 +124,11 @@ class _Adapter:
         if not self.base.has_reconstruction or not self.cfg.min_pose_signal:
             return True
         target, source = probe_batch
-        own = self.probe(probe_batch, self.base)
-        swapped, _ = self_loss(self.base, self.recon_loss, target, source,
-                               h_self=self.base.self_logits(target).roll(1, 0), update_means=False)
-        self.pose_signal = float(swapped) / max(own, 1e-12)
+        h_self = self.base.self_logits(target)
+        own, _ = self_loss(self.base, self.recon_loss, target, source, h_self=h_self, update_means=False)
+        swapped, _ = self_loss(self.base, self.recon_loss, target, source, h_self=h_self.roll(1, 0),
+                               update_means=False)
+        self.pose_signal = float(swapped) / max(float(own), 1e-12)
         if self.pose_signal < self.cfg.min_pose_signal:
             self.guard_events += 1
             self.stopped = True

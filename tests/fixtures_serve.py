@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -209,3 +210,12 @@ class ServeProcess:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+    def shutdown(self) -> tuple[int, list[int], str]:
+        """Stop, collect and kill leftovers, drop the Ray temp dir: (exit code, leftover pids, log tail)."""
+        rc = self.stop()
+        left = self.leftovers()
+        self.kill_leftovers()
+        log = self.log_tail()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+        return rc, left, log

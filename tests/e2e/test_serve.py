@@ -61,12 +61,8 @@ def server():
         yield {"proc": proc, "url": proc.url, "ck": ck, "store": store, "root": root, "tokens": tokens,
                "health": health, "http": session}
     finally:
-        rc = proc.stop()
-        left = proc.leftovers()
-        proc.kill_leftovers()
-        log = proc.log_tail()
+        rc, left, log = proc.shutdown()
         shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(proc.temp_dir, ignore_errors=True)
         assert not started or (rc == 0 and not left), f"unclean shutdown (rc {rc}, leftover pids {left}):\n{log}"
 
 
@@ -303,10 +299,6 @@ def test_colocated_mode_same_answers_mixed_person_batches():
             time.sleep(0.1)
         assert requests.post(f"{proc.url}/v1/persons/x/pose", data=b"junk", timeout=30).status_code == 400
     finally:
-        rc = proc.stop()
-        left = proc.leftovers()
-        proc.kill_leftovers()
-        log = proc.log_tail()
+        rc, left, log = proc.shutdown()
         shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(proc.temp_dir, ignore_errors=True)
     assert rc == 0 and not left, log
