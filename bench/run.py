@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -50,36 +51,35 @@ def trained_model(checkpoint: str | None, data: str | None) -> tuple[str, str]:
 
 
 def online_and_offline(checkpoint: str, data: str, persons: int = 4) -> dict:
+    """Online frames/s and offline s/person of the product step, and of the same step in fp32 with the standard
+    layout (amp off, channels_last off) on the same persons: the speed ratio, and whether PCK is the same."""
     from data.pairs import prepare_frames
     from model.checkpoint import load_checkpoint
     from model.personalize import personalize
-    from training.evaluate import labeled_person_frames, model_with_loss
+    from training.evaluate import labeled_person_frames, model_with_loss, score
 
     ck = load_checkpoint(checkpoint)
     model, recon = model_with_loss(ck)
-    ttp = always_adapting(ck.config.ttp)
-    fps, offline_s = [], []
+    steps = {"": always_adapting(ck.config.ttp)}
+    steps["_fp32"] = replace(steps[""], amp="off", channels_last=False)
+    rows: dict[str, list] = {}
     for frames in list(labeled_person_frames(data, "test", persons).values()):
         crops, matrices, groups = prepare_frames(frames, ck.config.model.image_size)
-        t0 = time.perf_counter()
-        personalize(model, recon, crops, matrices, groups, ttp, "online")
-        fps.append(len(frames) / (time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        personalize(model, recon, crops, matrices, groups, ttp, "offline")
-        offline_s.append(time.perf_counter() - t0)
-    return {"online_fps_small": float(np.median(fps)), "offline_s_per_person": float(np.median(offline_s))}
-
-
-def realtime_with_pck(checkpoint: str, data: str) -> dict:
-    from data.pairs import prepare_frames
-    from model.checkpoint import load_checkpoint
-    from training.evaluate import labeled_person_frames, model_with_loss
-
-    ck = load_checkpoint(checkpoint)
-    model, recon = model_with_loss(ck)
-    frames = next(iter(labeled_person_frames(data, "test", 1).values()))
-    crops, matrices, groups = prepare_frames(frames, ck.config.model.image_size)
-    return realtime.measure(model, recon, ck.config, crops, matrices, groups, fps=15.0)
+        for suffix, ttp in steps.items():
+            for scenario in ("online", "offline"):
+                t0 = time.perf_counter()
+                result = personalize(model, recon, crops, matrices, groups, ttp, scenario)
+                seconds = time.perf_counter() - t0
+                rows.setdefault(f"online_fps_small{suffix}" if scenario == "online" else
+                                f"offline_s_per_person{suffix}", []).append(
+                    len(frames) / seconds if scenario == "online" else seconds)
+                rows.setdefault(f"ttp_pck_{scenario}{suffix}", []).append(score(result.predictions, frames,
+                                                                                 "synth")["pck@0.2"])
+    out = {k: float(np.median(v) if k.startswith(("online_fps", "offline_s")) else np.mean(v))
+           for k, v in rows.items()}
+    out["ttp_pck_drop_vs_fp32_points"] = max(abs(out[f"ttp_pck_{s}_fp32"] - out[f"ttp_pck_{s}"]) * 100
+                                             for s in ("online", "offline"))
+    return out
 
 
 def table(results: dict) -> str:
@@ -109,7 +109,7 @@ def main() -> None:
             res[f"ttp_step_ms_reference_{name}_b{b}"] = row["reference_ms"]
     ck, data = trained_model(args.checkpoint, args.data)
     res.update(online_and_offline(ck, data))
-    rt = realtime_with_pck(ck, data)
+    rt = realtime.with_pck(ck, data, persons=4)
     res.update({k: v for k, v in rt.items() if isinstance(v, (int, float))})
     d = deltas.run(ck, data, persons=6, out_png=str(OUT / "delta_tradeoff.png"))
     int8 = d["methods"]["int8"]

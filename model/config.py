@@ -73,7 +73,7 @@ class TrainConfig:
     seed: int = 0
     report_every: int = 200  # steps between ray.train.report (each costs seconds)
     val_frames: int = 256
-    amp: str = "auto"  # auto (bf16 on CUDA) | off
+    amp: str = "auto"  # auto (bf16 on GPUs with bf16) | bf16 | off
     threads: int = 0  # torch threads per worker; 0 = torch default
 
 
@@ -96,6 +96,8 @@ class TTPConfig:
     # loss by this ratio (else the loss cannot tell a right pose from a wrong one); 0 = off
     min_pose_signal: float = 1.02
     signal_frames: int = 16  # online: frames seen before the check; no adaptation until then
+    amp: str = "auto"  # bf16 autocast of the update step: auto (where the CPU/GPU has native bf16) | bf16 | off
+    channels_last: bool = True  # NHWC layout for the person's model copy (faster oneDNN convolutions)
     seed: int = 0
 
 
@@ -117,6 +119,7 @@ class Config:
 
 VARIANTS = ("baseline", "shared_rotation", "shared_keypoint", "transformer")
 BACKBONES = ("small", "resnet18", "resnet50")
+AMP_MODES = ("auto", "bf16", "off")
 
 
 def _coerce(value: Any, current: Any, key: str) -> Any:
@@ -186,6 +189,9 @@ def _validate(cfg: Config) -> None:
     for name in cfg.ttp.adapt:
         if name not in ("encoder", "self_head", "appearance", "kp_encoder", "renderer"):
             raise ConfigError(f"ttp.adapt: {name!r} may not adapt at test time")
+    for key, mode in (("train.amp", cfg.train.amp), ("ttp.amp", cfg.ttp.amp)):
+        if mode not in AMP_MODES:
+            raise ConfigError(f"{key} must be one of {AMP_MODES}, got {mode!r}")
 
 
 def from_dict(data: dict) -> Config:

@@ -41,7 +41,7 @@ def self_loss(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, target: 
             with torch.no_grad():
                 appearance = model.appearance(source)
         rec = model.reconstruct(h_self, source, appearance)
-        loss = recon_loss(rec["recon"], target, source, update_means=update_means)
+        loss = recon_loss(rec["recon"].float(), target, source, update_means=update_means)
         return loss, {"recon": rec["recon"], "kp_coords": rec["kp_coords"]}
     if model.variant == "shared_rotation":
         rotated, labels = rotate_batch(target)

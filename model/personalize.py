@@ -8,6 +8,10 @@ person's copy of the model on that person's unlabeled frames, then predict.
 Every person starts from the base weights and a fresh optimizer. The model runs in
 eval mode (norm layers keep their training statistics); norm affines, the
 Transformer/supervised head and whatever is not in `cfg.adapt` stay frozen.
+The update step only builds the graph it needs (frozen parts carry no weight
+gradients, the source's appearance code is computed without a graph) and runs the
+person's copy channels-last with bf16 autocast where the hardware has native bf16
+(`ttp.channels_last`, `ttp.amp`; measured in `bench/ttp_step.py`).
 
 Two label-free safeguards (beyond the paper):
 - the pose-signal check: before adapting, swap the keypoints between the frames of a
@@ -37,6 +41,7 @@ from .config import TTPConfig
 from .losses import ReconstructionLoss
 from .network import PoseTTPNet
 from .objectives import self_loss
+from .precision import autocast
 from .predict import predict_crops
 
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
@@ -80,6 +85,9 @@ class _Adapter:
         self.base = copy.deepcopy(base).eval().requires_grad_(False)
         self.base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
         self.model = copy.deepcopy(base).eval().requires_grad_(False)
+        self.layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.model.to(memory_format=self.layout)
+        self.device = next(base.parameters()).device
         self.params = [p for _, p in adaptable_parameters(self.model, cfg.adapt)]
         for p in self.params:
             p.requires_grad_(True)
@@ -91,6 +99,11 @@ class _Adapter:
         self.stopped = False
         self.good_state: dict[str, torch.Tensor] | None = None
         self.reset()
+
+    def standard_layout(self) -> PoseTTPNet:
+        """The adapted model in the standard layout: its predictions are then bit-identical to base + delta
+        (channels-last convolutions round differently, by about 1e-7)."""
+        return self.model.to(memory_format=torch.contiguous_format)
 
     def reset(self) -> None:
         self.model.load_state_dict(self.base_state)
@@ -106,7 +119,9 @@ class _Adapter:
         if self.stopped:
             return float("nan")
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss(target, source)
+        with autocast(self.device, self.cfg.amp):
+            loss = self.loss(target.contiguous(memory_format=self.layout),
+                             source.contiguous(memory_format=self.layout))
         if not torch.isfinite(loss):
             self._rollback()
             return float("nan")
@@ -216,7 +231,7 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
             losses.append(adapter.step(*pairs(_draw(np.arange(n), bs, gen), n, gen)))
             if cfg.guard and (step + 1) % cfg.guard_window == 0:
                 adapter.check(probe_batch)
-        predictions = predict_crops(adapter.model, crops, matrices)
+        predictions = predict_crops(adapter.standard_layout(), crops, matrices)
     else:
         predictions = np.zeros((n, model.cfg.num_joints, 3), np.float32)
         for t in range(n):
@@ -235,6 +250,7 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
             if on_frame is not None:
                 on_frame(t, predictions[t])
         probe_batch = probe(n)  # for the report only, after every prediction is made
+        adapter.standard_layout()
     finite = [x for x in losses if math.isfinite(x)]
     metrics = {
         "scenario": scenario, "frames": int(n), "steps": len(losses),

@@ -5,7 +5,6 @@ measured against the very same loop in plain PyTorch.
 """
 from __future__ import annotations
 
-import contextlib
 import random
 
 import numpy as np
@@ -15,6 +14,7 @@ from model.config import Config
 from model.losses import ReconstructionLoss
 from model.network import PoseTTPNet
 from model.objectives import joint_loss
+from model.precision import autocast
 
 
 def seed_everything(seed: int) -> None:
@@ -39,10 +39,8 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def autocast_context(device: torch.device, cfg: Config):
-    """bf16 autocast on CUDA when allowed; nothing on CPU."""
-    if device.type == "cuda" and cfg.train.amp == "auto" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 autocast on GPUs when allowed; "auto" leaves CPU training in fp32 (its results are the reference)."""
+    return autocast(device, cfg.train.amp, cpu=False)
 
 
 def train_step(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, optimizer: torch.optim.Optimizer,
