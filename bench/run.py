@@ -77,7 +77,7 @@ def online_and_offline(checkpoint: str, data: str, persons: int = 4) -> dict:
                                                                                  "synth")["pck@0.2"])
     out = {k: float(np.median(v) if k.startswith(("online_fps", "offline_s")) else np.mean(v))
            for k, v in rows.items()}
-    out["ttp_pck_drop_vs_fp32_points"] = max(abs(out[f"ttp_pck_{s}_fp32"] - out[f"ttp_pck_{s}"]) * 100
+    out["ttp_pck_max_abs_diff_vs_fp32_points"] = max(abs(out[f"ttp_pck_{s}_fp32"] - out[f"ttp_pck_{s}"]) * 100
                                              for s in ("online", "offline"))
     return out
 

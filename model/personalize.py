@@ -87,6 +87,7 @@ class _Adapter:
         self.model = copy.deepcopy(base).eval().requires_grad_(False)
         self.layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.layout)
+        self.base.to(memory_format=self.layout)
         self.device = next(base.parameters()).device
         self.params = [p for _, p in adaptable_parameters(self.model, cfg.adapt)]
         for p in self.params:
@@ -120,8 +121,7 @@ class _Adapter:
             return float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.cfg.amp):
-            loss = self.loss(target.contiguous(memory_format=self.layout),
-                             source.contiguous(memory_format=self.layout))
+            loss = self.loss(*self._laid_out((target, source)))
         if not torch.isfinite(loss):
             self._rollback()
             return float("nan")
@@ -129,9 +129,20 @@ class _Adapter:
         self.optimizer.step()
         return float(loss.detach())
 
+    def _laid_out(self, images: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(x.contiguous(memory_format=self.layout) for x in images)
+
     @torch.no_grad()
     def probe(self, probe_batch, model: PoseTTPNet | None = None) -> float:
-        return float(self.loss(*probe_batch, model=model))
+        """The loss on the probe batch, at the step's precision (what the guard compares is computed alike)."""
+        with autocast(self.device, self.cfg.amp):
+            return float(self.loss(*self._laid_out(probe_batch), model=model))
+
+    @torch.no_grad()
+    def confidence(self, images: torch.Tensor, model: PoseTTPNet) -> float:
+        """Mean over images and joints of the supervised heatmap's peak value."""
+        with autocast(self.device, self.cfg.amp):
+            return float(model.pose(*self._laid_out((images,)))["h_sup"].float().amax(dim=(2, 3)).mean())
 
     @torch.no_grad()
     def check_pose_signal(self, probe_batch) -> bool:
@@ -155,8 +166,8 @@ class _Adapter:
             return
         value, reference = self.probe(probe_batch), self.probe(probe_batch, self.base)
         diverged = not math.isfinite(value) or value > self.cfg.guard_ratio * reference
-        less_sure = bool(self.cfg.guard_confidence) and \
-            confidence(self.model, probe_batch[0]) < self.cfg.guard_confidence * confidence(self.base, probe_batch[0])
+        less_sure = bool(self.cfg.guard_confidence) and self.confidence(probe_batch[0], self.model) < \
+            self.cfg.guard_confidence * self.confidence(probe_batch[0], self.base)
         if diverged or less_sure:
             self._rollback()
         else:
@@ -172,12 +183,6 @@ class _Adapter:
         else:
             self.model.load_state_dict(self.base_state)
         self.stopped = True
-
-
-@torch.no_grad()
-def confidence(model: PoseTTPNet, images: torch.Tensor) -> float:
-    """Mean over images and joints of the supervised heatmap's peak value."""
-    return float(model.pose(images)["h_sup"].amax(dim=(2, 3)).mean())
 
 
 def _draw(pool: np.ndarray, k: int, gen: torch.Generator) -> np.ndarray:
@@ -237,7 +242,7 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
         for t in range(n):
             if cfg.reset_every and t and t % cfg.reset_every == 0:
                 adapter.reset()
-            if adapter.pose_signal is None and t + 1 >= cfg.signal_frames:
+            if cfg.min_pose_signal and adapter.pose_signal is None and t + 1 >= cfg.signal_frames:
                 adapter.check_pose_signal(probe(t + 1))
             ready = adapter.pose_signal is not None or not cfg.min_pose_signal or not model.has_reconstruction
             if ready and not adapter.stopped and (groups[:t] == groups[t]).any():  # an earlier frame of this video

@@ -174,3 +174,23 @@ def test_realtime_mode_applies_the_pose_signal_check(setup):
     assert runs["checked"].adapter.pose_signal == pytest.approx(1.0, abs=1e-4)
     assert runs["checked"].updates == 0  # the loss ignores the keypoints: never adapt
     assert runs["unchecked"].updates > 0
+
+
+@pytest.mark.parametrize("amp", ["bf16", "off"])
+def test_fast_step_matches_the_fp32_step_and_returns_standard_layout_weights(setup, amp):
+    """The product step (channels-last copy, bf16 autocast) starts from the fp32 step's loss (bf16 to 1 %), and
+    the personalized state it returns is in the standard layout (safetensors refuses anything else)."""
+    from dataclasses import replace
+
+    from model.personalize import _Adapter
+
+    cfg, model, recon, crops, matrices, groups = setup
+    plain = replace(cfg.ttp, amp="off", channels_last=False)
+    fast = replace(cfg.ttp, amp=amp, channels_last=True)
+    target, source = crops[:4], crops[4:8]
+    reference = _Adapter(model, recon, plain).step(target, source)
+    assert _Adapter(model, recon, fast).step(target, source) == pytest.approx(reference, rel=1e-2 if amp == "bf16"
+                                                                               else 1e-5)
+    result = personalize(model, recon, crops, matrices, groups, fast, "offline", seed=0)
+    assert all(v.is_contiguous() for v in result.state.values())
+    assert result.metrics["steps"] == cfg.ttp.steps

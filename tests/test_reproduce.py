@@ -12,11 +12,11 @@ TOY = ["train.max_steps=2", "train.batch_size=4", "ttp.steps=2", "ttp.batch_size
        "ttp.signal_frames=2"]
 
 
-def posettp(*args: str) -> str:
+def posettp(*args: str, ok: bool = True) -> str:
     proc = subprocess.run([sys.executable, "-m", "posettp.cli", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+    assert (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +27,10 @@ def toy(tmp_path_factory):
     posettp("synth", "--out", str(data), "--persons", "6", "--frames", "6", "--size", "64", "--extra-frames", "12")
     out = root / "out"
 
-    def reproduce(experiment: str) -> str:
-        sets = [a for kv in TOY + [f"data.url={data}"] for a in ("--set", kv)]
+    def reproduce(experiment: str, *extra: str, ok: bool = True) -> str:
+        sets = [a for kv in TOY + [f"data.url={data}", *extra] for a in ("--set", kv)]
         return posettp("reproduce", experiment, "--config", "configs/synth_small.yaml", *sets, "--seeds", "1",
-                       "--out", str(out))
+                       "--out", str(out), ok=ok)
     return reproduce, out
 
 
@@ -55,6 +55,8 @@ def test_table1_trains_every_variant_and_resumes_from_its_cache(toy):
     table = printed.split("\ntable1:")[0]
     assert reproduce("table1").split("\ntable1:")[0] == table
     assert [p.stat().st_mtime_ns for p in cached] == stamps, "a resumed run retrained or re-evaluated"
+    refused = reproduce("table1", "train.max_steps=3", ok=False)
+    assert "trained with other settings (train.max_steps)" in refused
 
 
 def test_table2_has_four_iteration_counts_with_and_without_guard(toy):

@@ -6,6 +6,8 @@ an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -57,27 +59,42 @@ class Experiment:
     def model(self, variant: str, seed: int):
         """Train (or reuse) one variant/seed; returns (model, recon_loss, cfg)."""
         path = self.out / "models" / f"{variant}-s{seed}"
+        cfg = _with(self.cfg, [f"model.variant={variant}", f"train.seed={seed}"])
         if not (path / "model.safetensors").is_file():
             from data.shards import load_frames
 
             if self._train_frames is None:
                 self._train_frames = load_frames(self.data_url, split=self.cfg.data.train_split)
-            cfg = _with(self.cfg, [f"model.variant={variant}", f"train.seed={seed}"])
             t0 = time.perf_counter()
             model, recon, history = train_local(cfg, self._train_frames, desc=f"train {variant} s{seed}")
             save_checkpoint(str(path), model, cfg, cfg.train.max_steps,
                             {"train_seconds": time.perf_counter() - t0, "history": history}, recon)
         ck = load_checkpoint(str(path))
+        stale = [f"{section}.{k}" for section in ("model", "loss", "train")
+                 for k, v in getattr(cfg, section).__dict__.items() if getattr(getattr(ck.config, section), k) != v]
+        if stale:
+            raise ValueError(f"{path} was trained with other settings ({', '.join(stale)}); "
+                             "use another --out to train with these")
         model, recon = model_with_loss(ck)
         return model, recon, ck.config
 
+    def ttp(self, overrides=()) -> tuple:
+        """This run's TTP settings (with overrides) and a short key naming them in cache file names."""
+        ttp = _with(self.cfg, list(overrides)).ttp
+        return ttp, "-" + hashlib.sha1(json.dumps(dataclasses.asdict(ttp), sort_keys=True).encode()).hexdigest()[:8]
+
     def evaluation(self, variant: str, seed: int, scenario: str, tag: str = "", ttp_overrides=()) -> dict:
-        """Per-person scores (cached) of one model under one scenario."""
-        path = self.out / "evals" / f"{variant}-s{seed}-{scenario}{tag}.json"
+        """Per-person scores (cached) of one model under one scenario.
+
+        TTP runs with this run's `ttp` settings (not those stored with the model), and they are part of the
+        cache key: re-running with another `--set ttp.*` evaluates again instead of returning stale results.
+        """
+        ttp, key = self.ttp(ttp_overrides)
+        path = self.out / "evals" / f"{variant}-s{seed}-{scenario}{tag}{'' if scenario == 'none' else key}.json"
 
         def compute():
             model, recon, cfg = self.model(variant, seed)
-            cfg = _with(cfg, list(ttp_overrides))
+            cfg = dataclasses.replace(cfg, ttp=ttp)
             rows = []
             t0 = time.perf_counter()
             for pid, frames in self.test_persons().items():
@@ -218,8 +235,10 @@ def fig4(exp: Experiment) -> dict:
                          "(posettp synth --extra-frames)")
     counts = tuple(n for n in (10, 25, 50, 100, 200) if n < available) + (min(available, 200),)
     rows = {n: [] for n in counts}
+    ttp, key = exp.ttp()
     for s in range(exp.seeds):
         model, recon, cfg = exp.model("transformer", s)
+        cfg = dataclasses.replace(cfg, ttp=ttp)
         none = {r["person_id"]: r for r in exp.evaluation("transformer", s, "none")["persons"]}
 
         def compute(n, s=s, model=model, recon=recon, cfg=cfg, none=none):
@@ -229,7 +248,7 @@ def fig4(exp: Experiment) -> dict:
                 out.append(res["pck@0.2"] - none[pid]["pck@0.2"])
             return out
         for n in counts:
-            rows[n] += _cached(exp.out / "evals" / f"fig4-s{s}-n{n}.json", lambda n=n: compute(n))
+            rows[n] += _cached(exp.out / "evals" / f"fig4-s{s}-n{n}{key}.json", lambda n=n: compute(n))
     means = [np.mean(rows[n]) * 100 if rows[n] else float("nan") for n in counts]
     ses = [np.std(rows[n], ddof=1) / np.sqrt(len(rows[n])) * 100 if len(rows[n]) > 1 else 0 for n in counts]
     fig, ax = plt.subplots(figsize=(5, 3.5))
