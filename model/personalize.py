@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import TTPConfig
 from .losses import ReconstructionLoss
@@ -78,6 +79,22 @@ def shared_augment(target: torch.Tensor, source: torch.Tensor, gen: torch.Genera
     return warp(target), warp(source)
 
 
+def fold_batchnorm(module: nn.Module) -> nn.Module:
+    """Fold each Conv2d + BatchNorm2d pair inside Sequentials into one Conv2d, in place.
+
+    Exact for frozen, eval-mode layers; it saves the norm's forward and backward in every TTP step.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, nn.Sequential):
+            layers = list(child)
+            for i in range(len(layers) - 1):
+                if isinstance(layers[i], nn.Conv2d) and isinstance(layers[i + 1], nn.BatchNorm2d):
+                    layers[i], layers[i + 1] = fuse_conv_bn_eval(layers[i], layers[i + 1]), nn.Identity()
+            setattr(module, name, nn.Sequential(*layers))
+        fold_batchnorm(getattr(module, name))
+    return module
+
+
 class _Adapter:
     """One person's model copy, its optimizer, and the guard's bookkeeping."""
 
@@ -88,6 +105,14 @@ class _Adapter:
         self.layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.model.to(memory_format=self.layout)
         self.base.to(memory_format=self.layout)
+        # what the loss runs: the adapted model's modules with the frozen reconstruction modules folded (the
+        # base, used only by the probes, is folded alike so that the guard compares like with like)
+        self.loss_model = copy.copy(self.model)
+        self.loss_model._modules = dict(self.model._modules)
+        for name in ("kp_encoder", "appearance", "renderer"):
+            if name in self.model._modules and name not in cfg.adapt:
+                self.loss_model._modules[name] = fold_batchnorm(copy.deepcopy(self.model._modules[name]))
+                self.base._modules[name] = fold_batchnorm(self.base._modules[name])
         self.device = next(base.parameters()).device
         self.params = [p for _, p in adaptable_parameters(self.model, cfg.adapt)]
         for p in self.params:
@@ -112,7 +137,7 @@ class _Adapter:
         self.good_state = None
 
     def loss(self, target: torch.Tensor, source: torch.Tensor, model: PoseTTPNet | None = None) -> torch.Tensor:
-        loss, _ = self_loss(model or self.model, self.recon_loss, target, source,
+        loss, _ = self_loss(model or self.loss_model, self.recon_loss, target, source,
                             frozen_appearance=self.frozen_appearance, update_means=False)
         return loss
 

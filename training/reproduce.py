@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy.signal import savgol_filter
+from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import Config, load_config
@@ -97,7 +98,8 @@ class Experiment:
             cfg = dataclasses.replace(cfg, ttp=ttp)
             rows = []
             t0 = time.perf_counter()
-            for pid, frames in self.test_persons().items():
+            for pid, frames in tqdm(self.test_persons().items(), desc=f"{variant} s{seed} {scenario}{tag}",
+                                    mininterval=5):
                 res = evaluate_person(model, recon, cfg, frames, scenario, seed=seed)
                 res["predictions"] = res["predictions"].tolist()
                 rows.append({"person_id": pid, **res})
@@ -243,7 +245,7 @@ def fig4(exp: Experiment) -> dict:
 
         def compute(n, s=s, model=model, recon=recon, cfg=cfg, none=none):
             out = []
-            for pid, frames in exp.test_persons().items():
+            for pid, frames in tqdm(exp.test_persons().items(), desc=f"fig4 s{s} {n} frames", mininterval=5):
                 res = evaluate_person(model, recon, cfg, frames, "offline", seed=s, adapt_frames=extras[pid][:n])
                 out.append(res["pck@0.2"] - none[pid]["pck@0.2"])
             return out
