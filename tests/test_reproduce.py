@@ -56,7 +56,7 @@ def test_table1_trains_every_variant_and_resumes_from_its_cache(toy):
     assert reproduce("table1").split("\ntable1:")[0] == table
     assert [p.stat().st_mtime_ns for p in cached] == stamps, "a resumed run retrained or re-evaluated"
     refused = reproduce("table1", "train.max_steps=3", ok=False)
-    assert "trained with other settings (train.max_steps)" in refused
+    assert "made with other settings (train.max_steps); use another --out" in refused
 
 
 def test_table2_has_four_iteration_counts_with_and_without_guard(toy):

@@ -49,6 +49,25 @@ class Experiment:
         self.data_url = cfg.data.url
         self._train_frames = None
         self._test = None
+        self._refuse_stale_cache()
+
+    def training_config(self, variant: str, seed: int) -> Config:
+        return _with(self.cfg, [f"model.variant={variant}", f"train.seed={seed}"])
+
+    def _refuse_stale_cache(self) -> None:
+        """Models (and the evaluations cached with them) made with other model/loss/train/data settings would
+        be mixed into this run's tables: refuse such an --out instead."""
+        from model.config import from_dict
+
+        for meta in sorted((self.out / "models").glob("*/config.json")):
+            trained = from_dict(json.loads(meta.read_text())["config"])
+            wanted = self.training_config(trained.model.variant, trained.train.seed)
+            stale = [f"{section}.{k}" for section in ("model", "loss", "train", "data")
+                     for k, v in getattr(wanted, section).__dict__.items()
+                     if getattr(getattr(trained, section), k) != v]
+            if stale:
+                raise ValueError(f"{meta.parent} was made with other settings ({', '.join(stale)}); "
+                                 "use another --out for these")
 
     def test_persons(self) -> dict[str, list]:
         if self._test is None:
@@ -60,22 +79,17 @@ class Experiment:
     def model(self, variant: str, seed: int):
         """Train (or reuse) one variant/seed; returns (model, recon_loss, cfg)."""
         path = self.out / "models" / f"{variant}-s{seed}"
-        cfg = _with(self.cfg, [f"model.variant={variant}", f"train.seed={seed}"])
         if not (path / "model.safetensors").is_file():
             from data.shards import load_frames
 
             if self._train_frames is None:
                 self._train_frames = load_frames(self.data_url, split=self.cfg.data.train_split)
+            cfg = self.training_config(variant, seed)
             t0 = time.perf_counter()
             model, recon, history = train_local(cfg, self._train_frames, desc=f"train {variant} s{seed}")
             save_checkpoint(str(path), model, cfg, cfg.train.max_steps,
                             {"train_seconds": time.perf_counter() - t0, "history": history}, recon)
         ck = load_checkpoint(str(path))
-        stale = [f"{section}.{k}" for section in ("model", "loss", "train")
-                 for k, v in getattr(cfg, section).__dict__.items() if getattr(getattr(ck.config, section), k) != v]
-        if stale:
-            raise ValueError(f"{path} was trained with other settings ({', '.join(stale)}); "
-                             "use another --out to train with these")
         model, recon = model_with_loss(ck)
         return model, recon, ck.config
 
