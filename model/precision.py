@@ -17,21 +17,24 @@ from .config import AMP_MODES
 def native_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a private oneDNN query: absent from some builds
+            return False
     return False
 
 
-def use_bf16(device: torch.device, mode: str, cpu: bool = True) -> bool:
-    """Whether `mode` means bf16 on `device`; `cpu=False` keeps "auto" to GPUs (joint training)."""
+def use_bf16(device: torch.device, mode: str, auto_on_cpu: bool = True) -> bool:
+    """Whether `mode` means bf16 on `device`; `auto_on_cpu=False` keeps "auto" to GPUs (joint training)."""
     if mode not in AMP_MODES:
         raise ValueError(f"amp must be one of {AMP_MODES}, got {mode!r}")
     if mode == "auto":
-        return native_bf16(device) and (cpu or device.type != "cpu")
+        return native_bf16(device) and (auto_on_cpu or device.type != "cpu")
     return mode == "bf16"
 
 
-def autocast(device: torch.device, mode: str, cpu: bool = True):
-    if use_bf16(device, mode, cpu):
+def autocast(device: torch.device, mode: str, auto_on_cpu: bool = True):
+    if use_bf16(device, mode, auto_on_cpu):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

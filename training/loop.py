@@ -40,7 +40,7 @@ def lr_at(step: int, cfg: Config) -> float:
 
 def autocast_context(device: torch.device, cfg: Config):
     """bf16 autocast on GPUs when allowed; "auto" leaves CPU training in fp32 (its results are the reference)."""
-    return autocast(device, cfg.train.amp, cpu=False)
+    return autocast(device, cfg.train.amp, auto_on_cpu=False)
 
 
 def train_step(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, optimizer: torch.optim.Optimizer,
