@@ -1,6 +1,7 @@
 """Timing helpers shared by the bench scripts: medians over repeats, machine description."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import resource
@@ -38,6 +39,4 @@ def peak_rss_mb() -> float:
 def always_adapting(ttp):
     """The TTP config with the safeguards that can skip adaptation turned off: a cost or delta-size measurement
     must time and compress real updates, not a person the pose-signal check or confidence guard left at base."""
-    import dataclasses
-
     return dataclasses.replace(ttp, min_pose_signal=0.0, guard_confidence=0.0)

@@ -126,7 +126,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics["seconds"] = time.perf_counter() - t0
         metrics["peak_rss_mb"] = peak_rss_mb()
         if metrics["delta_tensors"] == 0:
-            return _reply(msg, "unchanged", "TTP left the encoder and self head unchanged (a safeguard kept the base weights)",
+            return _reply(msg, "unchanged",
+                          "TTP left the encoder and self head unchanged (a safeguard kept the base weights)",
                           person, sha, metrics)
         return _reply(msg, "ok", "", person, sha, metrics, data)
     except (NodeDataError, BaseMismatch) as exc:

@@ -185,6 +185,15 @@ class _Adapter:
             self.stopped = True
         return not self.stopped
 
+    def signal_allows(self, frames_seen: int, probe) -> bool:
+        """The online pose-signal gate: no update before `signal_frames` frames are in (then `probe()` gives the
+        batch to check on, once), none after a failed check or a rollback."""
+        if self.cfg.min_pose_signal and self.base.has_reconstruction and self.pose_signal is None:
+            if frames_seen < self.cfg.signal_frames:
+                return False
+            self.check_pose_signal(probe())
+        return not self.stopped
+
     def check(self, probe_batch) -> None:
         """Guard: the probe loss of the adapted model vs the base model's; roll back on divergence."""
         if not self.cfg.guard or self.stopped:
@@ -267,10 +276,8 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
         for t in range(n):
             if cfg.reset_every and t and t % cfg.reset_every == 0:
                 adapter.reset()
-            if cfg.min_pose_signal and adapter.pose_signal is None and t + 1 >= cfg.signal_frames:
-                adapter.check_pose_signal(probe(t + 1))
-            ready = adapter.pose_signal is not None or not cfg.min_pose_signal or not model.has_reconstruction
-            if ready and not adapter.stopped and (groups[:t] == groups[t]).any():  # an earlier frame of this video
+            # adapt once the pose signal allows it and an earlier frame of this video exists
+            if adapter.signal_allows(t + 1, lambda: probe(t + 1)) and (groups[:t] == groups[t]).any():
                 for _ in range(cfg.iters):
                     target, source = pairs(np.full(bs, t), t, gen)
                     losses.append(adapter.step(target, source))

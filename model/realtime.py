@@ -1,9 +1,10 @@
 """Real-time online TTP (beyond the paper): prediction for frame t never waits for adaptation.
 
 A background thread adapts a private copy of the model on the stream seen so far
-(after the same pose-signal check as the synchronous online mode) and publishes a snapshot of the adapted tensors after each update; `predict`
-runs on whatever snapshot is newest, swapping it in by reference (no copy on
-the prediction path and no lock held while the network runs).
+(behind the same pose-signal gate as the synchronous online mode) and publishes a
+snapshot of the adapted tensors after each update; `predict` runs on whatever
+snapshot is newest, swapping it in by reference (no copy on the prediction path
+and no lock held while the network runs).
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ class RealtimePersonalizer:
             with self._lock:
                 crops = torch.stack(self._frames[: t + 1])
                 groups = np.array(self._groups[: t + 1])
-            if not self._pose_signal_allows(crops, groups, t) or not (groups[:t] == groups[t]).any():
+            probe = lambda: probe_pairs(crops, groups, t + 1, self.cfg.batch_size, self._seed)  # noqa: E731
+            if not self.adapter.signal_allows(t + 1, probe) or not (groups[:t] == groups[t]).any():
                 continue
             for _ in range(self.cfg.iters):
                 self.adapter.step(*draw_pairs(crops, groups, np.full(self.cfg.batch_size, t), t, self._gen))
@@ -64,15 +66,6 @@ class RealtimePersonalizer:
             params = dict(self.adapter.model.named_parameters())
             self._snapshot = {n: params[n].detach().clone() for n in self.names}
             self._published += 1
-
-    def _pose_signal_allows(self, crops: torch.Tensor, groups: np.ndarray, t: int) -> bool:
-        """The synchronous online mode's pose-signal check: no update before `signal_frames`, none after a fail."""
-        a = self.adapter
-        if a.pose_signal is None and self.cfg.min_pose_signal and a.base.has_reconstruction:
-            if t + 1 < self.cfg.signal_frames:
-                return False
-            a.check_pose_signal(probe_pairs(crops, groups, t + 1, self.cfg.batch_size, self._seed))
-        return not a.stopped
 
     def predict(self, crop: torch.Tensor, matrix: np.ndarray, group: int = 0) -> np.ndarray:
         """Predict this frame with the newest adapted weights, then queue it for adaptation."""

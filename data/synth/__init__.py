@@ -45,8 +45,10 @@ CALIBRATION = {
     "model": "configs/synth_small.yaml (2000 steps x batch 16, seed 0), trained on the 60 train persons of "
              "`posettp synth --persons 100 --frames 40 --size 96 --seed 1`",
     "pck@0.2_without_ttp": {"train persons (10)": 0.838, "val persons (10)": 0.764,
-                            "test persons, shift 0.2 (30, seed 7)": 0.629, "test persons, shift 0.3 (30, seed 7)": 0.555,
-                            "test persons, shift 0.4 (30, seed 7)": 0.475, "test persons, shift 0.5 (30, seed 1)": 0.468},
+                            "test persons, shift 0.2 (30, seed 7)": 0.629,
+                            "test persons, shift 0.3 (30, seed 7)": 0.555,
+                            "test persons, shift 0.4 (30, seed 7)": 0.475,
+                            "test persons, shift 0.5 (30, seed 1)": 0.468},
     "rule": "test PCK@0.2 within 0.5-0.8 and clearly below train/val: shift 0.3",
 }
 DEFAULT_VIDEOS = 3
