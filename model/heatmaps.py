@@ -6,16 +6,40 @@ pixel (i, j) has centre (x=j, y=i) in heatmap units.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 
 def gaussian_maps(coords: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     """Unnormalised Gaussians (peak 1) at (B, K, 2) xy coords on a size x size grid."""
+    gx, gy = gaussian_profiles(coords, size, sigma)
+    return gy[..., :, None] * gx[..., None, :]
+
+
+def gaussian_profiles(coords: torch.Tensor, size: int, sigma: float,
+                      out_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The x and y factors (B, K, size) of `gaussian_maps`: map = gy[..., :, None] * gx[..., None, :].
+
+    With `out_size`, the factors of the maps bilinearly upsampled (align_corners=False) to out_size: the
+    interpolation is separable too, so upsampling each factor gives exactly `F.interpolate` of the maps
+    (the reconstruction runs this in every training and TTP step, and never needs the maps themselves).
+    """
     grid = torch.arange(size, dtype=coords.dtype, device=coords.device)
-    gx = torch.exp(-((grid.view(1, 1, 1, size) - coords[..., 0, None, None]) ** 2) / (2 * sigma**2))
-    gy = torch.exp(-((grid.view(1, 1, size, 1) - coords[..., 1, None, None]) ** 2) / (2 * sigma**2))
-    return gx * gy
+    gx = torch.exp(-((grid - coords[..., 0, None]) ** 2) / (2 * sigma**2))
+    gy = torch.exp(-((grid - coords[..., 1, None]) ** 2) / (2 * sigma**2))
+    if out_size is not None:
+        up = _linear_upsampling(size, out_size).to(gx)
+        gx, gy = gx @ up, gy @ up
+    return gx, gy
+
+
+@functools.lru_cache(maxsize=8)
+def _linear_upsampling(size: int, out_size: int) -> torch.Tensor:
+    """(size, out_size) matrix of 1-D linear interpolation, align_corners=False (F.interpolate of each impulse)."""
+    impulses = torch.eye(size, dtype=torch.float64).unsqueeze(1)
+    return F.interpolate(impulses, size=out_size, mode="linear", align_corners=False).squeeze(1).float()
 
 
 def marginal_soft_argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,8 @@ Two label-free safeguards (beyond the paper):
   probe batch; if the base model's reconstruction loss hardly rises (< `min_pose_signal`),
   the loss does not depend on where the keypoints are, its gradient carries no pose
   information, and adapting can only drift -- so this person keeps the base weights;
-- the collapse guard watches a fixed probe batch and rolls back to the last good weights
+- the collapse guard watches a probe batch (offline: fixed; online: drawn from the frames seen
+  so far and redrawn each time the stream doubles) and rolls back to the last good weights
   when the self-supervised loss rises above `guard_ratio` times its value before
   adaptation, or when the supervised heatmaps' mean peak falls below `guard_confidence`
   times the base model's (measured on synthetic persons: every person whose PCK fell
@@ -124,6 +125,8 @@ class _Adapter:
         self.pose_signal: float | None = None
         self.stopped = False
         self.good_state: dict[str, torch.Tensor] | None = None
+        self.probe_batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.reference: tuple[float, float] = (math.nan, math.nan)  # the base model's measures on probe_batch
         self.reset()
 
     def standard_layout(self) -> PoseTTPNet:
@@ -163,11 +166,21 @@ class _Adapter:
         with autocast(self.device, self.cfg.amp):
             return float(self.loss(*self._laid_out(probe_batch), model=model))
 
+    def set_probe(self, probe_batch) -> None:
+        """Fix the guard's probe batch and measure the base model on it, once for every check that uses it."""
+        self.probe_batch = probe_batch
+        self.reference = self.measure(self.base)
+
     @torch.no_grad()
-    def confidence(self, images: torch.Tensor, model: PoseTTPNet) -> float:
-        """Mean over images and joints of the supervised heatmap's peak value."""
+    def measure(self, model: PoseTTPNet) -> tuple[float, float]:
+        """On the probe batch, in one encoder pass at the step's precision: the self-supervised loss and the
+        mean over images and joints of the supervised heatmap's peak."""
+        target, source = self._laid_out(self.probe_batch)
         with autocast(self.device, self.cfg.amp):
-            return float(model.pose(*self._laid_out((images,)))["h_sup"].float().amax(dim=(2, 3)).mean())
+            out = model.pose(target)
+            loss, _ = self_loss(model, self.recon_loss, target, source, h_self=out.get("h_self"),
+                                frozen_appearance=self.frozen_appearance, update_means=False)
+            return float(loss), float(out["h_sup"].float().amax(dim=(2, 3)).mean())
 
     @torch.no_grad()
     def check_pose_signal(self, probe_batch) -> bool:
@@ -194,14 +207,14 @@ class _Adapter:
             self.check_pose_signal(probe())
         return not self.stopped
 
-    def check(self, probe_batch) -> None:
-        """Guard: the probe loss of the adapted model vs the base model's; roll back on divergence."""
+    def check(self) -> None:
+        """Guard: the adapted model's measures on the probe batch vs the base model's; roll back on divergence."""
         if not self.cfg.guard or self.stopped:
             return
-        value, reference = self.probe(probe_batch), self.probe(probe_batch, self.base)
+        value, confidence = self.measure(self.loss_model)
+        reference, base_confidence = self.reference
         diverged = not math.isfinite(value) or value > self.cfg.guard_ratio * reference
-        less_sure = bool(self.cfg.guard_confidence) and self.confidence(probe_batch[0], self.model) < \
-            self.cfg.guard_confidence * self.confidence(probe_batch[0], self.base)
+        less_sure = bool(self.cfg.guard_confidence) and confidence < self.cfg.guard_confidence * base_confidence
         if diverged or less_sure:
             self._rollback()
         else:
@@ -264,15 +277,18 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
     if scenario == "offline":
         probe_batch = probe(n)
         adapter.check_pose_signal(probe_batch)
+        if cfg.guard:
+            adapter.set_probe(probe_batch)
         for step in range(cfg.steps):
             if adapter.stopped:  # a safeguard kept the base or rolled back: no more updates
                 break
             losses.append(adapter.step(*pairs(_draw(np.arange(n), bs, gen), n, gen)))
             if cfg.guard and (step + 1) % cfg.guard_window == 0:
-                adapter.check(probe_batch)
+                adapter.check()
         predictions = predict_crops(adapter.standard_layout(), crops, matrices)
     else:
         predictions = np.zeros((n, model.cfg.num_joints, 3), np.float32)
+        probe_limit = 0  # the guard's probe batch is drawn from the first probe_limit frames
         for t in range(n):
             if cfg.reset_every and t and t % cfg.reset_every == 0:
                 adapter.reset()
@@ -282,7 +298,10 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
                     target, source = pairs(np.full(bs, t), t, gen)
                     losses.append(adapter.step(target, source))
                 if cfg.guard and (t + 1) % cfg.guard_window == 0:
-                    adapter.check(probe(t + 1))
+                    if t + 1 >= 2 * probe_limit:  # redrawn as the stream doubles: the base is measured log2(n) times
+                        probe_limit = t + 1
+                        adapter.set_probe(probe(probe_limit))
+                    adapter.check()
             predictions[t] = predict_crops(adapter.model, crops[t:t + 1], matrices[t:t + 1])[0]
             if on_frame is not None:
                 on_frame(t, predictions[t])

@@ -13,7 +13,8 @@ from .transforms import apply_affine, invert
 def predict_crops(model: PoseTTPNet, crops: torch.Tensor, matrices: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """(N, 3, S, S) crops and their (N, 2, 3) crop affines -> (N, J, 3) [x, y, score] in original pixels."""
     was_training = model.training
-    model.eval()
+    if was_training:  # walking the module tree costs about 1 ms: the online loop calls this for every frame
+        model.eval()
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(crops), batch_size):
@@ -23,5 +24,6 @@ def predict_crops(model: PoseTTPNet, crops: torch.Tensor, matrices: np.ndarray, 
         for j, (c, s) in enumerate(zip(coords, score.cpu().numpy())):
             xy = apply_affine(c, invert(matrices[i + j]))
             out.append(np.concatenate([xy, s[:, None]], axis=1))
-    model.train(was_training)
+    if was_training:
+        model.train()
     return np.stack(out).astype(np.float32) if out else np.zeros((0, model.cfg.num_joints, 3), np.float32)

@@ -5,10 +5,11 @@ import torch
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from model.config import ConfigError, load_config
-from model.heatmaps import decode_argmax, gaussian_maps, heatmap_to_image, image_to_heatmap, marginal_soft_argmax
+from model.heatmaps import (decode_argmax, gaussian_maps, gaussian_profiles, heatmap_to_image, image_to_heatmap,
+                            marginal_soft_argmax)
 from model.losses import ReconstructionLoss
 from model.metrics import bbc_macc, pck
-from model.network import build_model, parameter_counts
+from model.network import ConvEncoder, build_model, parameter_counts
 
 
 def small_cfg(variant="transformer"):
@@ -60,6 +61,28 @@ def test_decode_of_encoded_joints_within_quarter_heatmap_pixel():
     assert (coords - on_grid).abs().max() <= 0.25 + 1e-5
     assert (heatmap_to_image(coords, 128, 32) - joints).abs().max() <= 1.0 + 1e-4
     assert torch.all(score > 0.5)
+
+
+def test_separable_keypoint_path_equals_upsampled_maps_through_the_encoder():
+    """The reconstruction never builds the keypoint maps: upsampling their x/y factors and splitting the first
+    convolution must give what F.interpolate of the maps and the plain convolution give, values and gradients."""
+    torch.manual_seed(0)
+    encoder = ConvEncoder(30, 8).eval()
+    for m in encoder.modules():  # non-trivial BatchNorm statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    coords = torch.rand(4, 30, 2) * 18 - 1  # some keypoints outside the 16x16 map
+    plain, split = coords.clone().requires_grad_(True), coords.clone().requires_grad_(True)
+    maps = torch.nn.functional.interpolate(gaussian_maps(plain, 16, 1.5), size=64, mode="bilinear",
+                                           align_corners=False)
+    gx, gy = gaussian_profiles(split, 16, 1.5, 64)
+    torch.testing.assert_close(gy[..., :, None] * gx[..., None, :], maps, atol=1e-6, rtol=0)
+    expected, got = encoder(maps), encoder.forward_rank1(gx, gy)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    expected.square().sum().backward()
+    got.square().sum().backward()
+    torch.testing.assert_close(split.grad, plain.grad, atol=1e-6, rtol=1e-4)
 
 
 def test_pck_hand_computed_with_invisible_joint_and_zero_torso():
