@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 
@@ -83,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="worker processes for the models and evaluations (default: one per core)")
     p.add_argument("--json", dest="json_out")
     p.set_defaults(target="training.reproduce:main")
 

@@ -2,7 +2,11 @@
 
 Everything lands under `--out` (models, per-run JSON, markdown tables, PNGs, the
 resolved config). Each trained model and each evaluation is cached on disk, so
-an interrupted run resumes where it stopped.
+an interrupted run resumes where it stopped. With `--jobs N` the models and
+evaluations an experiment reads are first computed by N worker processes (each
+with its share of the cores: training and TTP run one thread apiece on small
+models, so one process leaves the other cores idle); the tables are then built
+from the cache exactly as in a serial run.
 """
 from __future__ import annotations
 
@@ -10,7 +14,10 @@ import dataclasses
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +49,15 @@ def _cached(path: Path, compute):
 class Experiment:
     """Shared state of one reproduce run: config, data, cached models."""
 
-    def __init__(self, cfg: Config, out: Path, seeds: int):
-        self.cfg, self.out, self.seeds = cfg, out, seeds
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(cfg.to_json())
+    def __init__(self, cfg: Config, out: Path, seeds: int, progress: bool = True):
+        self.cfg, self.out, self.seeds, self.progress = cfg, out, seeds, progress
         self.data_url = cfg.data.url
         self._train_frames = None
         self._test = None
-        self._refuse_stale_cache()
+        if progress:  # the run itself (workers share its --out and leave this to it)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.json").write_text(cfg.to_json())
+            self._refuse_stale_cache()
 
     def training_config(self, variant: str, seed: int) -> Config:
         return _with(self.cfg, [f"model.variant={variant}", f"train.seed={seed}"])
@@ -76,9 +84,12 @@ class Experiment:
                 raise ValueError(f"{self.data_url}: no labeled test persons")
         return self._test
 
+    def model_path(self, variant: str, seed: int) -> Path:
+        return self.out / "models" / f"{variant}-s{seed}"
+
     def model(self, variant: str, seed: int):
         """Train (or reuse) one variant/seed; returns (model, recon_loss, cfg)."""
-        path = self.out / "models" / f"{variant}-s{seed}"
+        path = self.model_path(variant, seed)
         if not (path / "model.safetensors").is_file():
             from data.shards import load_frames
 
@@ -86,7 +97,8 @@ class Experiment:
                 self._train_frames = load_frames(self.data_url, split=self.cfg.data.train_split)
             cfg = self.training_config(variant, seed)
             t0 = time.perf_counter()
-            model, recon, history = train_local(cfg, self._train_frames, desc=f"train {variant} s{seed}")
+            model, recon, history = train_local(cfg, self._train_frames, progress=self.progress,
+                                                desc=f"train {variant} s{seed}")
             save_checkpoint(str(path), model, cfg, cfg.train.max_steps,
                             {"train_seconds": time.perf_counter() - t0, "history": history}, recon)
         ck = load_checkpoint(str(path))
@@ -104,8 +116,8 @@ class Experiment:
         TTP runs with this run's `ttp` settings (not those stored with the model), and they are part of the
         cache key: re-running with another `--set ttp.*` evaluates again instead of returning stale results.
         """
-        ttp, key = self.ttp(ttp_overrides)
-        path = self.out / "evals" / f"{variant}-s{seed}-{scenario}{tag}{'' if scenario == 'none' else key}.json"
+        ttp, _ = self.ttp(ttp_overrides)
+        path = self.evaluation_path(variant, seed, scenario, tag, ttp_overrides)
 
         def compute():
             model, recon, cfg = self.model(variant, seed)
@@ -113,13 +125,17 @@ class Experiment:
             rows = []
             t0 = time.perf_counter()
             for pid, frames in tqdm(self.test_persons().items(), desc=f"{variant} s{seed} {scenario}{tag}",
-                                    mininterval=5):
+                                    mininterval=5, disable=not self.progress):
                 res = evaluate_person(model, recon, cfg, frames, scenario, seed=seed)
                 res["predictions"] = res["predictions"].tolist()
                 rows.append({"person_id": pid, **res})
             return {"variant": variant, "seed": seed, "scenario": scenario, "persons": rows,
                     "seconds": time.perf_counter() - t0}
         return _cached(path, compute)
+
+    def evaluation_path(self, variant: str, seed: int, scenario: str, tag: str = "", ttp_overrides=()) -> Path:
+        key = "" if scenario == "none" else self.ttp(ttp_overrides)[1]
+        return self.out / "evals" / f"{variant}-s{seed}-{scenario}{tag}{key}.json"
 
 
 def _with(cfg: Config, overrides: list[str]) -> Config:
@@ -177,6 +193,12 @@ def table1(exp: Experiment) -> dict:
     return {"results": results, "markdown": "\n".join(lines)}
 
 
+def _table2_run(iters: int, guard: bool) -> tuple[str, tuple[str, ...]]:
+    """Cache tag and TTP overrides of one Table 2 cell (without the guard, the pose-signal check is off too)."""
+    overrides = (f"ttp.iters={iters}", f"ttp.guard={guard}") + (() if guard else ("ttp.min_pose_signal=0",))
+    return f"-it{iters}-{'guard' if guard else 'noguard'}", overrides
+
+
 def table2(exp: Experiment) -> dict:
     lines = ["| iterations | online, no guard | online, guard |", "| --- | --- | --- |"]
     none = [exp.evaluation("transformer", s, "none") for s in range(exp.seeds)]
@@ -185,10 +207,8 @@ def table2(exp: Experiment) -> dict:
     for iters in (1, 2, 3, 4):
         cells = []
         for guard in (False, True):
-            tag = f"-it{iters}-{'guard' if guard else 'noguard'}"
-            evals = [exp.evaluation("transformer", s, "online", tag, [f"ttp.iters={iters}", f"ttp.guard={guard}"]
-                                     + ([] if guard else ["ttp.min_pose_signal=0"]))
-                     for s in range(exp.seeds)]
+            tag, overrides = _table2_run(iters, guard)
+            evals = [exp.evaluation("transformer", s, "online", tag, overrides) for s in range(exp.seeds)]
             means = [np.mean([r["pck@0.2"] for r in e["persons"]]) for e in evals]
             events = sum(r["ttp"]["guard_events"] for e in evals for r in e["persons"])
             results[tag[1:]] = {"pck@0.2": float(np.mean(means)), "guard_events": int(events)}
@@ -317,11 +337,79 @@ def table5(exp: Experiment) -> dict:
 EXPERIMENTS = {"table1": table1, "table2": table2, "table5": table5, "fig3": fig3, "fig4": fig4}
 
 
+def evaluations_read(experiment: str, seeds: int) -> list[tuple]:
+    """The `Experiment.evaluation` arguments an experiment reads (fig4 adds its own offline runs, kept serial)."""
+    transformer = [("transformer", s, scenario) for s in range(seeds) for scenario in SCENARIOS]
+    if experiment == "table1":
+        return [(v, s, scenario) for v in VARIANTS for s in range(seeds) for scenario in SCENARIOS
+                if v != "baseline" or scenario == "none"]
+    if experiment == "table2":
+        return [("transformer", s, "none") for s in range(seeds)] + [
+            ("transformer", s, "online", *_table2_run(iters, guard))
+            for iters in (1, 2, 3, 4) for guard in (False, True) for s in range(seeds)]
+    if experiment == "fig4":
+        return [("transformer", s, "none") for s in range(seeds)]
+    return transformer  # fig3 and table5
+
+
+_worker: Experiment | None = None
+
+
+def _start_worker(cfg_dict: dict, out: str, seeds: int, threads: int) -> None:
+    import torch
+
+    from model.config import from_dict
+
+    global _worker
+    torch.set_num_threads(threads)
+    _worker = Experiment(from_dict(cfg_dict), Path(out), seeds, progress=False)
+
+
+def _train(variant: str, seed: int) -> None:
+    _worker.model(variant, seed)
+
+
+def _evaluate(run: tuple) -> None:
+    _worker.evaluation(*run)
+
+
+def compute_in_parallel(exp: Experiment, runs: list[tuple], jobs: int) -> None:
+    """Train the models and run the evaluations that are not cached yet in `jobs` processes; each evaluation
+    starts as soon as its model exists. Costliest models first (the keypoint variants render images)."""
+    todo = [r for r in dict.fromkeys(runs) if not exp.evaluation_path(*r).is_file()]
+    models = sorted({r[:2] for r in todo}, key=lambda m: (m[0] not in ("transformer", "shared_keypoint"), m))
+    untrained = [m for m in models if not (exp.model_path(*m) / "model.safetensors").is_file()]
+    if not todo:
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
+                             initargs=(exp.cfg.to_dict(), str(exp.out), exp.seeds, threads)) as pool, \
+            tqdm(total=len(untrained) + len(todo), desc=f"models and evaluations ({jobs} jobs)") as bar:
+        pending = {pool.submit(_train, *m): m for m in untrained}
+        ready = [m for m in models if m not in untrained]
+        while ready or pending:
+            for m in ready:
+                pending.update({pool.submit(_evaluate, r): r for r in todo if r[:2] == m})
+            ready = []
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                task = pending.pop(future)
+                if future.exception() is not None:  # a worker's error ends the run, with its traceback
+                    pool.shutdown(cancel_futures=True)
+                    raise future.exception()
+                bar.update()
+                if len(task) == 2:
+                    ready.append(task)
+
+
 def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
     exp = Experiment(cfg, out, args.seeds)
     t0 = time.perf_counter()
+    if args.jobs > 1:
+        compute_in_parallel(exp, evaluations_read(args.experiment, args.seeds), args.jobs)
     result = EXPERIMENTS[args.experiment](exp)
     result["wall_seconds"] = time.perf_counter() - t0
     (out / f"{args.experiment}.md").write_text(result["markdown"] + "\n")
