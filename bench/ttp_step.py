@@ -1,8 +1,9 @@
 """The TTP step the product runs (model/personalize.py) vs a straightforward reference step.
 
 The reference is what a first implementation does: autograd through every
-weight, the full network forward (Transformer head included), the appearance
-code and the perceptual targets with a graph, fp32, contiguous layout. Both
+weight, the full network forward (Transformer head included), the 30 keypoint
+maps built at full size and run through the keypoint encoder's 7x7 convolution,
+the appearance code and the perceptual targets with a graph, fp32, contiguous layout. Both
 update exactly the same parameters with Adam from the same weights; the first
 step's losses must agree (to 1e-4 in fp32, 1 % under bf16), and `bench.run`
 checks that the product step's PCK matches an fp32 step's on real persons.
@@ -38,17 +39,24 @@ class ReferenceStep:
         self.recon_loss = recon_loss
         self.optimizer = torch.optim.Adam([p for _, p in adaptable_parameters(model, cfg.adapt)], lr=cfg.lr)
 
+    def reconstruct(self, target, source):
+        """The model's forward with the keypoint maps materialised (`ConvEncoder.forward_rank1` avoids them)."""
+        _, (gx, gy) = self.model.keypoint_gaussians(self.model.pose(target)["h_self"])
+        maps = gy[..., :, None] * gx[..., None, :]
+        code = torch.cat([self.model.appearance(source), self.model.kp_encoder(maps)], dim=1)
+        return self.model.renderer(code, source)
+
     def __call__(self, target, source):
         self.optimizer.zero_grad()
-        out = self.model(target, source)
-        terms = [torch.nn.functional.mse_loss(out["recon"], target)]
+        recon = self.reconstruct(target, source)
+        terms = [torch.nn.functional.mse_loss(recon, target)]
         if self.recon_loss.vgg is not None:
             terms += [torch.nn.functional.mse_loss(a, b) for a, b in
-                      zip(self.recon_loss._vgg_feats(out["recon"]), self.recon_loss._vgg_feats(target))]
+                      zip(self.recon_loss._vgg_feats(recon), self.recon_loss._vgg_feats(target))]
         if self.recon_loss.cfg.grad_weight:
             from model.losses import image_gradient_l1
 
-            terms.append(self.recon_loss.cfg.grad_weight * image_gradient_l1(out["recon"], target))
+            terms.append(self.recon_loss.cfg.grad_weight * image_gradient_l1(recon, target))
         loss = (torch.stack(terms) / self.recon_loss.running_means).sum()
         loss.backward()
         self.optimizer.step()

@@ -49,12 +49,13 @@ def _cached(path: Path, compute):
 class Experiment:
     """Shared state of one reproduce run: config, data, cached models."""
 
-    def __init__(self, cfg: Config, out: Path, seeds: int, progress: bool = True):
-        self.cfg, self.out, self.seeds, self.progress = cfg, out, seeds, progress
+    def __init__(self, cfg: Config, out: Path, seeds: int, worker: bool = False):
+        """`worker`: one of `compute_in_parallel`'s processes, silent; the run itself records and checks --out."""
+        self.cfg, self.out, self.seeds, self.progress = cfg, out, seeds, not worker
         self.data_url = cfg.data.url
         self._train_frames = None
         self._test = None
-        if progress:  # the run itself (workers share its --out and leave this to it)
+        if not worker:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(cfg.to_json())
             self._refuse_stale_cache()
@@ -339,7 +340,6 @@ EXPERIMENTS = {"table1": table1, "table2": table2, "table5": table5, "fig3": fig
 
 def evaluations_read(experiment: str, seeds: int) -> list[tuple]:
     """The `Experiment.evaluation` arguments an experiment reads (fig4 adds its own offline runs, kept serial)."""
-    transformer = [("transformer", s, scenario) for s in range(seeds) for scenario in SCENARIOS]
     if experiment == "table1":
         return [(v, s, scenario) for v in VARIANTS for s in range(seeds) for scenario in SCENARIOS
                 if v != "baseline" or scenario == "none"]
@@ -349,7 +349,7 @@ def evaluations_read(experiment: str, seeds: int) -> list[tuple]:
             for iters in (1, 2, 3, 4) for guard in (False, True) for s in range(seeds)]
     if experiment == "fig4":
         return [("transformer", s, "none") for s in range(seeds)]
-    return transformer  # fig3 and table5
+    return [("transformer", s, scenario) for s in range(seeds) for scenario in SCENARIOS]  # fig3, table5
 
 
 _worker: Experiment | None = None
@@ -362,7 +362,7 @@ def _start_worker(cfg_dict: dict, out: str, seeds: int, threads: int) -> None:
 
     global _worker
     torch.set_num_threads(threads)
-    _worker = Experiment(from_dict(cfg_dict), Path(out), seeds, progress=False)
+    _worker = Experiment(from_dict(cfg_dict), Path(out), seeds, worker=True)
 
 
 def _train(variant: str, seed: int) -> None:
