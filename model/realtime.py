@@ -22,6 +22,36 @@ from .personalize import _Adapter, draw_pairs, probe_pairs
 from .predict import predict_crops
 
 
+class FrameStream:
+    """The frames and video ids seen so far, in storage that doubles when full.
+
+    Appending is O(1) amortised and `upto(t)` returns views of the first t + 1 entries: the adaptation thread
+    reads them without copying the stream (rows already written never change, and a full buffer is replaced,
+    not overwritten), so an update costs the same at frame 10 as at frame 10,000.
+    """
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self.frames: torch.Tensor | None = None
+        self.groups = np.zeros(0, np.int64)
+        self.size = 0
+
+    def append(self, crop: torch.Tensor, group: int) -> int:
+        """Store a frame; returns its index."""
+        if self.frames is None or self.size == len(self.frames):
+            capacity = max(self.capacity, 2 * self.size)
+            frames, groups = crop.new_empty((capacity, *crop.shape)), np.zeros(capacity, np.int64)
+            if self.frames is not None:
+                frames[:self.size], groups[:self.size] = self.frames, self.groups
+            self.frames, self.groups = frames, groups
+        self.frames[self.size], self.groups[self.size] = crop, group
+        self.size += 1
+        return self.size - 1
+
+    def upto(self, t: int) -> tuple[torch.Tensor, np.ndarray]:
+        return self.frames[:t + 1], self.groups[:t + 1]
+
+
 class RealtimePersonalizer:
     def __init__(self, model: PoseTTPNet, recon_loss: ReconstructionLoss | None, cfg: TTPConfig, seed: int = 0,
                  adapt_threads: int = 1):
@@ -32,8 +62,7 @@ class RealtimePersonalizer:
         self._snapshot: dict[str, torch.Tensor] | None = None
         self._applied = 0
         self._published = 0
-        self._frames: list[torch.Tensor] = []
-        self._groups: list[int] = []
+        self._stream = FrameStream()
         self._queue: queue.Queue = queue.Queue()
         self._gen = torch.Generator().manual_seed(seed)
         self._seed = seed
@@ -55,8 +84,7 @@ class RealtimePersonalizer:
                     return
                 t = nxt
             with self._lock:
-                crops = torch.stack(self._frames[: t + 1])
-                groups = np.array(self._groups[: t + 1])
+                crops, groups = self._stream.upto(t)
             probe = lambda: probe_pairs(crops, groups, t + 1, self.cfg.batch_size, self._seed)  # noqa: E731
             if not self.adapter.signal_allows(t + 1, probe) or not (groups[:t] == groups[t]).any():
                 continue
@@ -78,9 +106,7 @@ class RealtimePersonalizer:
             self._applied = version
         pred = predict_crops(self.serving, crop[None], matrix[None])[0]
         with self._lock:
-            self._frames.append(crop)
-            self._groups.append(group)
-            t = len(self._frames) - 1
+            t = self._stream.append(crop, group)
         self._queue.put(t)
         return pred
 

@@ -151,6 +151,21 @@ def test_confidence_guard_rolls_back_when_the_pose_head_grows_less_sure(setup):
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in strict.state.items())
 
 
+def test_realtime_frame_stream_grows_without_changing_what_was_handed_out():
+    from model.realtime import FrameStream
+
+    stream, crops = FrameStream(capacity=4), torch.rand(11, 3, 8, 8)
+    early = None
+    for i, crop in enumerate(crops):
+        assert stream.append(crop, i // 5) == i
+        if i == 2:
+            early = stream.upto(2)  # a view the adaptation thread might still hold when the buffer grows
+    frames, groups = stream.upto(10)
+    assert torch.equal(frames, crops) and groups.tolist() == [0] * 5 + [1] * 5 + [2]
+    assert torch.equal(early[0], crops[:3]) and early[1].tolist() == [0, 0, 0]
+    assert len(stream.frames) == 16  # 4 -> 8 -> 16: doubled, not grown per frame
+
+
 def test_realtime_mode_applies_the_pose_signal_check(setup):
     from model.realtime import RealtimePersonalizer
 
