@@ -4,7 +4,7 @@ Accuracy-dependent entries (delta PCK, real-time PCK, online frames/s) need a
 trained model: the demo's checkpoint and data are used when present
 (`demo-out/`), otherwise a short synth_small training is made under bench/out.
 
-Run: .venv/bin/python -m bench.run [--checkpoint CK --data URL] [--skip-paper] [--skip-serve]
+Run: .venv/bin/python -m bench.run [--checkpoint CK --data URL] [--skip-paper] [--skip-serve] [--skip-flower]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import deltas, forward, realtime, ttp_step
+from . import deltas, flower_round, forward, realtime, ttp_step
 from .common import always_adapting, machine, peak_rss_mb
 
 OUT = Path("bench")
@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--data")
     ap.add_argument("--skip-paper", action="store_true", help="skip paper-size ResNet-18 step timings")
     ap.add_argument("--skip-serve", action="store_true")
+    ap.add_argument("--skip-flower", action="store_true", help="skip the simulated Flower round")
     args = ap.parse_args()
     torch.set_num_threads(2)
     res: dict = {"machine": machine()}
@@ -119,6 +120,8 @@ def main() -> None:
     res.update(train_images_per_second())
     if not args.skip_serve:
         res.update(serve_numbers())
+    if not args.skip_flower:
+        res.update(flower_round.run(ck, data, persons=4))
     res["peak_rss_mb_bench"] = peak_rss_mb()
     (OUT / "results.json").write_text(json.dumps(res, indent=2, default=float))
     print(table(res))
