@@ -17,47 +17,16 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from model.checkpoint import load_checkpoint, save_checkpoint
-from posettp.procs import pids_with_env, stop_marked
+from posettp.procs import MarkedTreeRss, stop_marked
 from training.evaluate import model_with_loss
 
 from .common import always_adapting
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class ProcessTreeRss:
-    """Samples the summed RSS of the processes whose environment has key=value; `peak_mb` is the largest sum."""
-
-    def __init__(self, key: str, value: str, every: float = 0.5):
-        self.key, self.value, self.every, self.peak_mb = key, value, every, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        while not self._stop.is_set():
-            total = 0
-            for pid in pids_with_env(self.key, self.value):
-                try:
-                    with open(f"/proc/{pid}/statm") as f:
-                        total += int(f.read().split()[1]) * page
-                except OSError:  # the process ended between listing and reading
-                    pass
-            self.peak_mb = max(self.peak_mb, total / 2**20)
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> "ProcessTreeRss":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
 
 def run(checkpoint: str, data: str, persons: int = 4, ttp_steps: int = 20) -> dict:
@@ -78,7 +47,7 @@ def run(checkpoint: str, data: str, persons: int = 4, ttp_steps: int = 20) -> di
                f"num-supernodes={persons} client-resources-num-cpus=1"]
         t0 = time.perf_counter()
         try:
-            with ProcessTreeRss("FLWR_HOME", str(home)) as rss:
+            with MarkedTreeRss("FLWR_HOME", str(home)) as rss:
                 proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
         finally:
             stop_marked("FLWR_HOME", str(home))  # the simulation's detached SuperLink

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 
@@ -58,3 +59,34 @@ def stop_marked(key: str, value: str, grace: float = 10.0) -> list[int]:
     pids = pids_with_env(key, value)
     stop_pids(pids, grace)
     return pids
+
+
+class MarkedTreeRss:
+    """Samples the summed RSS of every process marked key=value (a whole Flower/Ray tree) in a thread;
+    `peak_mb` is the largest sum seen."""
+
+    def __init__(self, key: str, value: str, every: float = 0.5):
+        self.key, self.value, self.every, self.peak_mb = key, value, every, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        page = os.sysconf("SC_PAGE_SIZE")
+        while not self._stop.is_set():
+            total = 0
+            for pid in pids_with_env(self.key, self.value):
+                try:
+                    with open(f"/proc/{pid}/statm") as f:
+                        total += int(f.read().split()[1]) * page
+                except OSError:  # the process ended between listing and reading
+                    pass
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> "MarkedTreeRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from posettp.procs import pids_with_env, stop_pids
+from posettp.procs import MarkedTreeRss, pids_with_env, stop_pids
 from tests.test_personalize import calibrate_norm_statistics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,34 +136,6 @@ def write_flwr_config(home: Path, connections: dict[str, dict]) -> None:
     (home / "config.toml").write_text(tomli_w.dumps(doc))
 
 
-class TreeMemory:
-    """Samples the summed RSS of every process started with FLWR_HOME=home (SuperLink, ServerApp,
-    Ray and its ClientApp actors) once a second; `peak_mb` is the largest sum seen."""
-
-    def __init__(self, home: Path, every: float = 1.0):
-        import threading
-
-        self.home, self.every, self.peak_mb = str(home), every, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        while not self._stop.is_set():
-            total = 0
-            for pid in pids_with_env("FLWR_HOME", self.home):
-                try:
-                    with open(f"/proc/{pid}/statm") as f:
-                        total += int(f.read().split()[1]) * page
-                except OSError:
-                    pass
-            self.peak_mb = max(self.peak_mb, total / 2**20)
-            self._stop.wait(self.every)
-
-    def __enter__(self) -> "TreeMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+def TreeMemory(home: Path, every: float = 1.0) -> MarkedTreeRss:
+    """Peak summed RSS of every process started with FLWR_HOME=home (SuperLink, ServerApp, Ray, ClientApps)."""
+    return MarkedTreeRss("FLWR_HOME", str(home), every)
