@@ -15,13 +15,12 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from model.checkpoint import load_checkpoint, save_checkpoint
-from posettp.procs import MarkedTreeRss, stop_marked
+from posettp.procs import MarkedTreeRss, flower_env, stop_marked
 from training.evaluate import model_with_loss
 
 from .common import always_adapting
@@ -36,11 +35,7 @@ def run(checkpoint: str, data: str, persons: int = 4, ttp_steps: int = 20) -> di
         ck.config.ttp = always_adapting(ck.config.ttp)
         model, recon = model_with_loss(ck)
         save_checkpoint(adapting, model, ck.config, loss_module=recon)
-        env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-                   FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_ADDRESS="local",
-                   RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-                   PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-        env.pop("PYTHONPATH", None)
+        env = flower_env(home)
         run_config = (f'base-checkpoint="{adapting}" data="{data}" scenario="offline" storage="{store}" '
                       f"ttp-steps={ttp_steps} min-nodes={persons}")
         cmd = ["flwr", "run", ".", "--stream", "--run-config", run_config, "--federation-config",

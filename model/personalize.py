@@ -139,8 +139,8 @@ class _Adapter:
         self.optimizer = torch.optim.Adam(self.params, lr=self.cfg.lr)
         self.good_state = None
 
-    def loss(self, target: torch.Tensor, source: torch.Tensor, model: PoseTTPNet | None = None) -> torch.Tensor:
-        loss, _ = self_loss(model or self.loss_model, self.recon_loss, target, source,
+    def loss(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        loss, _ = self_loss(self.loss_model, self.recon_loss, target, source,
                             frozen_appearance=self.frozen_appearance, update_means=False)
         return loss
 
@@ -160,22 +160,18 @@ class _Adapter:
     def _laid_out(self, images: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(x.contiguous(memory_format=self.layout) for x in images)
 
-    @torch.no_grad()
-    def probe(self, probe_batch, model: PoseTTPNet | None = None) -> float:
-        """The loss on the probe batch, at the step's precision (what the guard compares is computed alike)."""
-        with autocast(self.device, self.cfg.amp):
-            return float(self.loss(*self._laid_out(probe_batch), model=model))
-
     def set_probe(self, probe_batch) -> None:
         """Fix the guard's probe batch and measure the base model on it, once for every check that uses it."""
         self.probe_batch = probe_batch
-        self.reference = self.measure(self.base)
+        self.reference = self.measure(probe_batch, self.base)
 
     @torch.no_grad()
-    def measure(self, model: PoseTTPNet) -> tuple[float, float]:
-        """On the probe batch, in one encoder pass at the step's precision: the self-supervised loss and the
-        mean over images and joints of the supervised heatmap's peak."""
-        target, source = self._laid_out(self.probe_batch)
+    def measure(self, probe_batch, model: PoseTTPNet | None = None) -> tuple[float, float]:
+        """On a probe batch, in one encoder pass at the step's precision (what the guard compares is computed
+        alike): the self-supervised loss and the mean over images and joints of the supervised heatmap's peak.
+        `model` defaults to the adapted one (its loss view)."""
+        model = model or self.loss_model
+        target, source = self._laid_out(probe_batch)
         with autocast(self.device, self.cfg.amp):
             out = model.pose(target)
             loss, _ = self_loss(model, self.recon_loss, target, source, h_self=out.get("h_self"),
@@ -211,7 +207,7 @@ class _Adapter:
         """Guard: the adapted model's measures on the probe batch vs the base model's; roll back on divergence."""
         if not self.cfg.guard or self.stopped:
             return
-        value, confidence = self.measure(self.loss_model)
+        value, confidence = self.measure(self.probe_batch)
         reference, base_confidence = self.reference
         diverged = not math.isfinite(value) or value > self.cfg.guard_ratio * reference
         less_sure = bool(self.cfg.guard_confidence) and confidence < self.cfg.guard_confidence * base_confidence
@@ -310,7 +306,7 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
     finite = [x for x in losses if math.isfinite(x)]
     metrics = {
         "scenario": scenario, "frames": int(n), "steps": len(losses),
-        "loss_before": adapter.probe(probe_batch, adapter.base), "loss_after": adapter.probe(probe_batch),
+        "loss_before": adapter.measure(probe_batch, adapter.base)[0], "loss_after": adapter.measure(probe_batch)[0],
         "loss_first": finite[0] if finite else float("nan"), "loss_last": finite[-1] if finite else float("nan"),
         "guard_events": adapter.guard_events, "pose_signal": adapter.pose_signal, "seconds": time.perf_counter() - t0,
     }

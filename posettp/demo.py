@@ -28,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from .procs import stop_marked
+from .procs import flower_env, stop_marked
 
 MARKER = "POSETTP_DEMO_RUN"
 REPO = Path(__file__).resolve().parents[1]
@@ -47,12 +47,7 @@ class Demo:
         self.logs = self.out / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.marker = os.environ.get(MARKER) or uuid.uuid4().hex  # a caller may choose it to audit cleanup
-        self.env = dict(os.environ, **{MARKER: self.marker, "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1",
-                                       "RAY_USAGE_STATS_ENABLED": "0", "FLWR_HOME": str(self.out / "flwr-home"),
-                                       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                                       "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                                       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"})
-        self.env.pop("PYTHONPATH", None)
+        self.env = flower_env(self.out / "flwr-home", **{MARKER: self.marker})
         self.timings: dict[str, float] = {}
         self.steps_done = 0
         self.data = self.out / "data"

@@ -8,8 +8,23 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
+from pathlib import Path
+
+
+def flower_env(home: Path | str, **extra: str) -> dict:
+    """The environment of a local Flower/Ray run: its own FLWR_HOME (which also marks every process it starts,
+    for `stop_marked` and `MarkedTreeRss`), a local Ray, this venv's tools first, no telemetry, no update
+    check, and no runtime dependency installation (it would download a CUDA torch)."""
+    env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_ADDRESS="local",
+               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("PYTHONPATH", None)
+    env.update(extra)
+    return env
 
 
 def pids_with_env(key: str, value: str) -> list[int]:

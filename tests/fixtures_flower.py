@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from posettp import procs
 from posettp.procs import MarkedTreeRss, pids_with_env, stop_pids
 from tests.test_personalize import calibrate_norm_statistics
 
@@ -104,20 +105,11 @@ def write_image_folder(frames: list, folder: str) -> None:
 
 
 def flower_env(home: Path, **extra: str) -> dict:
-    """Environment for flwr/flower-* processes: own FLWR_HOME, own local-SuperLink ports, own Ray,
-    no runtime dependency installation (it would download a CUDA torch)."""
-    env = dict(os.environ)
+    """The product's Flower environment with its own local-SuperLink ports and its own Ray temp dir, so that
+    tests never meet each other's SuperLink or raylets."""
     ray_tmp = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix sockets live under it
-    env.update({
-        "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
-        "RAY_ADDRESS": "local", "RAY_TMPDIR": ray_tmp, "RAY_USAGE_STATS_ENABLED": "0",
-        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", "PYTHONUNBUFFERED": "1",
-    })
-    env.pop("PYTHONPATH", None)
-    env.update(extra)
-    return env
+    return procs.flower_env(home, FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=str(free_port()),
+                            FLWR_LOCAL_CONTROL_API_PORT=str(free_port()), RAY_TMPDIR=ray_tmp, **extra)
 
 
 def stop_tree_by_env(home: Path) -> list[int]:
