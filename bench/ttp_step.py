@@ -41,22 +41,24 @@ class ReferenceStep:
 
     def reconstruct(self, target, source):
         """The model's forward with the keypoint maps materialised (`ConvEncoder.forward_rank1` avoids them)."""
-        _, (gx, gy) = self.model.keypoint_gaussians(self.model.pose(target)["h_self"])
+        coords, (gx, gy) = self.model.keypoint_gaussians(self.model.pose(target)["h_self"])
         maps = gy[..., :, None] * gx[..., None, :]
         code = torch.cat([self.model.appearance(source), self.model.kp_encoder(maps)], dim=1)
-        return self.model.renderer(code, source)
+        return self.model.renderer(code, self.model.skip_image(source, coords))
 
     def __call__(self, target, source):
         self.optimizer.zero_grad()
         recon = self.reconstruct(target, source)
-        terms = [torch.nn.functional.mse_loss(recon, target)]
+        weights = self.recon_loss.pixel_weights(target, source)
+        terms = [torch.nn.functional.mse_loss(recon, target) if weights is None
+                 else ((recon - target) ** 2 * weights).mean()]
         if self.recon_loss.vgg is not None:
             terms += [torch.nn.functional.mse_loss(a, b) for a, b in
                       zip(self.recon_loss._vgg_feats(recon), self.recon_loss._vgg_feats(target))]
         if self.recon_loss.cfg.grad_weight:
             from model.losses import image_gradient_l1
 
-            terms.append(self.recon_loss.cfg.grad_weight * image_gradient_l1(recon, target))
+            terms.append(self.recon_loss.cfg.grad_weight * image_gradient_l1(recon, target, weights))
         loss = (torch.stack(terms) / self.recon_loss.running_means).sum()
         loss.backward()
         self.optimizer.step()

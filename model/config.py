@@ -35,6 +35,9 @@ class ModelConfig:
     sigma: float = 2.0  # Gaussian sigma on the heatmap grid (supervised targets)
     kp_beta: float = 0.0  # >0: standardise each H_self map, scale by kp_beta, then soft-argmax; 0 = raw logits
     kp_sigma: float = 0.0  # sigma of the self-supervised keypoint Gaussians fed to the renderer; 0 = sigma
+    # >0: the skip is the source warped by the keypoint motion source -> target (model/warp.py), each keypoint
+    # moving the pixels within this sigma (heatmap px); needs render_skip
+    warp_sigma: float = 0.0
     pretrained: str = ""  # local path to ImageNet ResNet weights; empty = random init (logged)
 
 
@@ -184,6 +187,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.backbone must be one of {BACKBONES}, got {cfg.model.backbone!r}")
     if cfg.model.image_size % 32:
         raise ConfigError(f"model.image_size must be a multiple of 32, got {cfg.model.image_size}")
+    if cfg.model.warp_sigma and not cfg.model.render_skip:
+        raise ConfigError("model.warp_sigma warps the renderer's skip: it needs model.render_skip: true")
     if cfg.loss.perceptual not in ("vgg16", "vgg16_random", "none"):
         raise ConfigError(f"loss.perceptual must be vgg16, vgg16_random or none, got {cfg.loss.perceptual!r}")
     for name in cfg.ttp.adapt:

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 from .backbones import build_backbone
 from .config import ModelConfig
-from .heatmaps import gaussian_profiles, marginal_soft_argmax
+from .heatmaps import gaussian_profiles, heatmap_to_image, marginal_soft_argmax
+from .warp import keypoint_warp
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3, stride: int = 1) -> list[nn.Module]:
@@ -78,8 +79,9 @@ class ConvEncoder(nn.Module):
 class Renderer(nn.Module):
     """Decodes concat[appearance, keypoint code] back to an image; no output activation.
 
-    With `skip`, the source image joins the last stage (beyond the paper: it lets the
-    renderer copy texture so that the keypoints must explain where parts moved).
+    With `skip`, an image joins the last stage (beyond the paper: it lets the renderer copy texture
+    so that the keypoints must explain where parts moved): the source, or the source warped by the
+    keypoint motion (`model.warp_sigma`).
     """
 
     def __init__(self, width: int, skip: bool):
@@ -92,14 +94,14 @@ class Renderer(nn.Module):
         self.skip = skip
         self.out = nn.Conv2d(w + (3 if skip else 0), 3, 3, 1, 1)
 
-    def forward(self, code: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    def forward(self, code: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = code
         for i, block in enumerate(self.blocks):
             x = block(x)
             if i < len(self.blocks) - 1:
                 x = F.interpolate(x, scale_factor=2, mode="nearest")
         if self.skip:
-            x = torch.cat([x, source], dim=1)
+            x = torch.cat([x, skip], dim=1)
         return self.out(x)
 
 
@@ -183,15 +185,19 @@ class PoseTTPNet(nn.Module):
         """H_self alone (encoder + self_head): all that the reconstruction task needs from the target."""
         return self.self_head(self.encoder(image))
 
-    def keypoint_gaussians(self, h_self: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Condensed keypoints (heatmap units) and the x/y factors of their Gaussians at the image size."""
+    def keypoint_coords(self, h_self: torch.Tensor) -> torch.Tensor:
+        """(B, K, 2) condensed self-supervised keypoints in heatmap units."""
         if self.cfg.kp_beta:
             # The supervised loss keeps H_self in about [0, 1], so raw logits give a flat softmax and every
             # keypoint drifts to the image centre; a standardised, scaled map follows its peak instead.
             mean = h_self.mean(dim=(2, 3), keepdim=True)
             std = h_self.std(dim=(2, 3), keepdim=True).clamp_min(1e-4)
             h_self = (h_self - mean) / std * (self.cfg.kp_beta / h_self.shape[-2])
-        coords = marginal_soft_argmax(h_self)
+        return marginal_soft_argmax(h_self)
+
+    def keypoint_gaussians(self, h_self: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Condensed keypoints (heatmap units) and the x/y factors of their Gaussians at the image size."""
+        coords = self.keypoint_coords(h_self)
         sigma = self.cfg.kp_sigma or self.cfg.sigma
         return coords, gaussian_profiles(coords, h_self.shape[-1], sigma, self.cfg.image_size)
 
@@ -201,7 +207,20 @@ class PoseTTPNet(nn.Module):
         coords, (gx, gy) = self.keypoint_gaussians(h_self)
         appearance = self.appearance(source) if appearance is None else appearance
         code = torch.cat([appearance, self.kp_encoder.forward_rank1(gx, gy)], dim=1)
-        return {"recon": self.renderer(code, source), "kp_coords": coords}
+        return {"recon": self.renderer(code, self.skip_image(source, coords)), "kp_coords": coords}
+
+    def skip_image(self, source: torch.Tensor, kp_target: torch.Tensor) -> torch.Tensor:
+        """The renderer's skip: the source, or (`warp_sigma`) the source moved along the keypoint motion.
+
+        The source's keypoints carry no gradient: the target's keypoints alone must explain the target.
+        """
+        if not self.cfg.warp_sigma:
+            return source
+        with torch.no_grad():
+            kp_source = self.keypoint_coords(self.self_logits(source))
+        size, scale = self.cfg.image_size, self.cfg.image_size / self.heatmap_size
+        return keypoint_warp(source, heatmap_to_image(kp_source, size, self.heatmap_size),
+                             heatmap_to_image(kp_target, size, self.heatmap_size), self.cfg.warp_sigma * scale)
 
     def forward(self, target: torch.Tensor, source: torch.Tensor | None = None,
                 rotated: torch.Tensor | None = None) -> dict[str, torch.Tensor]:

@@ -169,3 +169,40 @@ def test_motion_focus_weights_errors_where_the_body_moved():
     err_still = loss.raw_terms(still_err, target, source)[0]
     assert err_moved > 5 * err_still  # an error on the moving body costs far more than one on the background
     assert err_still > 0  # yet the static scene still counts (1 - motion_focus of the mass)
+
+
+def test_keypoint_warp_keeps_a_still_scene_and_moves_pixels_with_their_keypoint():
+    from model.warp import keypoint_warp
+
+    torch.manual_seed(0)
+    source = torch.rand(2, 3, 32, 32)
+    kp = torch.rand(2, 5, 2) * 31
+    torch.testing.assert_close(keypoint_warp(source, kp, kp.clone(), 3.0), source, atol=1e-5, rtol=0)
+
+    blob = torch.zeros(1, 1, 32, 32)
+    blob[..., 14:18, 8:12] = 1.0  # centre (9.5, 15.5)
+    kp_source = torch.tensor([[[9.5, 15.5], [28.0, 28.0]]])  # one keypoint on the blob, one still elsewhere
+    kp_target = torch.tensor([[[15.5, 15.5], [28.0, 28.0]]])  # the first moved 6 px right
+    moved = keypoint_warp(blob, kp_source, kp_target, 3.0)[0, 0]
+    xs = torch.arange(32.0)
+    centre_x = float((moved.sum(0) * xs).sum() / moved.sum())
+    assert blob[0, 0, 15, 15] == 0 and moved[15, 15] > 0.9  # the blob now covers the target keypoint
+    assert 2.0 < centre_x - 9.5 < 6.0  # and moved right, by less than the keypoint (the field fades)
+    assert moved[:, 28:].abs().max() < 1e-6  # nothing moves far from the moving keypoint
+
+    kp_target = kp_target.clone().requires_grad_(True)
+    keypoint_warp(blob, kp_source, kp_target, 3.0).sum().backward()
+    assert kp_target.grad[0, 0].abs().sum() > 0  # the target's keypoint position steers the reconstruction
+
+
+def test_warped_skip_makes_the_reconstruction_depend_on_the_target_keypoints():
+    cfg = small_cfg("transformer")
+    cfg.model.render_skip, cfg.model.warp_sigma = True, 1.5
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    target, source = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    h_self = model.self_logits(target).detach().requires_grad_(True)
+    model.reconstruct(h_self, source)["recon"].square().sum().backward()
+    assert h_self.grad.abs().sum() > 0
+    with pytest.raises(ConfigError, match="render_skip"):
+        load_config("configs/synth_small.yaml", ["model.render_skip=false", "model.warp_sigma=1.5"])
