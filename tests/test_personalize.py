@@ -1,4 +1,5 @@
 """TTP mechanics: what is frozen stays frozen, online never looks ahead, persons start equal, deltas reproduce."""
+import dataclasses
 import time
 
 import numpy as np
@@ -25,8 +26,9 @@ def calibrate_norm_statistics(model, crops):
 
 
 def keypoint_blind_copy(model, cfg):
-    """A copy whose renderer gets the same keypoint code whatever the keypoints are (kp_encoder zeroed)."""
-    blind = build_model(cfg.model)
+    """A copy whose renderer gets the same keypoint code whatever the keypoints are (kp_encoder zeroed) and
+    the source unwarped."""
+    blind = build_model(dataclasses.replace(cfg.model, warp_sigma=0.0))
     blind.load_state_dict(model.state_dict())
     blind.eval()
     with torch.no_grad():
