@@ -196,13 +196,20 @@ def test_keypoint_warp_keeps_a_still_scene_and_moves_pixels_with_their_keypoint(
 
 
 def test_warped_skip_makes_the_reconstruction_depend_on_the_target_keypoints():
+    """With the keypoint encoder silenced, only the warped skip can carry the target's keypoints into the image."""
     cfg = small_cfg("transformer")
-    cfg.model.render_skip, cfg.model.warp_sigma = True, 1.5
-    torch.manual_seed(0)
-    model = build_model(cfg.model).eval()
     target, source = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
-    h_self = model.self_logits(target).detach().requires_grad_(True)
-    model.reconstruct(h_self, source)["recon"].square().sum().backward()
-    assert h_self.grad.abs().sum() > 0
+    grads = {}
+    for warp_sigma in (0.0, 1.5):
+        cfg.model.warp_sigma = warp_sigma
+        torch.manual_seed(0)
+        model = build_model(cfg.model).eval()
+        with torch.no_grad():
+            for p in model.kp_encoder.parameters():
+                p.zero_()
+        h_self = model.self_logits(target).detach().requires_grad_(True)
+        model.reconstruct(h_self, source)["recon"].square().sum().backward()
+        grads[warp_sigma] = h_self.grad.abs().sum().item()
+    assert grads[0.0] == 0 and grads[1.5] > 0
     with pytest.raises(ConfigError, match="render_skip"):
         load_config("configs/synth_small.yaml", ["model.render_skip=false", "model.warp_sigma=1.5"])
