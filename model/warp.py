@@ -31,9 +31,9 @@ def keypoint_warp(source: torch.Tensor, kp_source: torch.Tensor, kp_target: torc
     size = source.shape[-1]
     gx, gy = gaussian_profiles(kp_target, size, sigma)  # (B, K, S) each
     motion = kp_target - kp_source
-    norm = torch.einsum("bky,bkx->byx", gy, gx) + STATIC_WEIGHT
-    dx = torch.einsum("bky,bkx,bk->byx", gy, gx, motion[..., 0]) / norm
-    dy = torch.einsum("bky,bkx,bk->byx", gy, gx, motion[..., 1]) / norm
+    # one contraction gives the summed weights and the weighted x and y displacements
+    sums = torch.einsum("bky,bkx,bkc->bcyx", gy, gx, torch.cat([torch.ones_like(motion[..., :1]), motion], -1))
+    dx, dy = (sums[:, 1:] / (sums[:, :1] + STATIC_WEIGHT)).unbind(1)
     grid = torch.arange(size, dtype=source.dtype, device=source.device)
     # pixel centre u -> normalised (2u + 1) / S - 1 (align_corners=False)
     sample_x = (2 * (grid[None, None, :] - dx) + 1) / size - 1
