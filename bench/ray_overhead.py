@@ -29,7 +29,7 @@ from bench.common import machine
 from model.config import load_config
 from model.network import build_model
 from training.data import batch_stream, load_worker_frames
-from training.loop import build_recon_loss, make_optimizer, seed_everything, train_step
+from training.loop import build_recon_loss, make_optimizer, seed_everything, to_training_layout, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/synth_small.yaml"
@@ -40,7 +40,7 @@ def plain_step_times(cfg, steps: int, warmup: int) -> tuple[list[float], list[fl
     seed_everything(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    model = build_model(cfg.model)
+    model = to_training_layout(build_model(cfg.model))
     recon = build_recon_loss(model, cfg)
     optimizer = make_optimizer(model, cfg)
     frames, _ = load_worker_frames(cfg.data.url, cfg.data.train_split, 0, 1)

@@ -76,7 +76,7 @@ class TrainConfig:
     seed: int = 0
     report_every: int = 200  # steps between ray.train.report (each costs seconds)
     val_frames: int = 256
-    amp: str = "auto"  # auto (bf16 on GPUs with bf16) | bf16 | off
+    amp: str = "auto"  # auto (bf16 where the GPU/CPU has native bf16) | bf16 | off
     threads: int = 0  # torch threads per worker; 0 = torch default
 
 

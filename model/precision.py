@@ -25,16 +25,16 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def use_bf16(device: torch.device, mode: str, auto_on_cpu: bool = True) -> bool:
-    """Whether `mode` means bf16 on `device`; `auto_on_cpu=False` keeps "auto" to GPUs (joint training)."""
+def use_bf16(device: torch.device, mode: str) -> bool:
+    """Whether `mode` means bf16 on `device`."""
     if mode not in AMP_MODES:
         raise ValueError(f"amp must be one of {AMP_MODES}, got {mode!r}")
     if mode == "auto":
-        return native_bf16(device) and (auto_on_cpu or device.type != "cpu")
+        return native_bf16(device)
     return mode == "bf16"
 
 
-def autocast(device: torch.device, mode: str, auto_on_cpu: bool = True):
-    if use_bf16(device, mode, auto_on_cpu):
+def autocast(device: torch.device, mode: str):
+    if use_bf16(device, mode):
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -7,7 +7,7 @@ Run it four ways (the same file; `posettp train` takes the same flags):
     # a Ray cluster: the job's driver joins it, workers spread over its nodes (storage must be shared)
     ray job submit --address http://HEAD:8265 --working-dir . -- \
         python training/joint.py --config configs/synth_small.yaml --storage s3://bucket/runs
-    # GPUs: one worker per GPU, DDP over NCCL, bf16 autocast, channels_last, pinned batches
+    # GPUs: one worker per GPU, DDP over NCCL, pinned batches
     python training/joint.py --config configs/synth_paper.yaml --gpus 4
     # continue a run of the same name from its latest checkpoint (e.g. with a larger train.max_steps)
     python training/joint.py --config configs/synth_small.yaml --name synth_small --resume
@@ -53,7 +53,7 @@ from model.checkpoint import META, WEIGHTS, restore_loss_buffers, save_checkpoin
 from model.config import Config, ConfigError, from_dict, load_config
 from model.network import build_model
 from training.data import batch_stream, derive_seed, load_worker_frames, validation_frames
-from training.loop import build_recon_loss, make_optimizer, seed_everything, train_step
+from training.loop import build_recon_loss, make_optimizer, seed_everything, to_training_layout, train_step
 
 FAIL_ENV = "POSETTP_FAIL_AT_STEP"
 MAX_FAILURES = int(os.environ.get("POSETTP_MAX_FAILURES", "3"))
@@ -252,8 +252,7 @@ def train_worker(config: dict) -> None:
         core.load_state_dict(state.weights)
         if recon_loss is not None:
             restore_loss_buffers(recon_loss, state.meta.get("loss_buffers", {}))
-    if cuda:
-        core = core.to(memory_format=torch.channels_last)
+    core = to_training_layout(core)
     model = ray.train.torch.prepare_model(core)
     core = model.module if hasattr(model, "module") else model
     if recon_loss is not None:

@@ -11,7 +11,7 @@ from model.config import Config
 from model.network import PoseTTPNet, build_model
 
 from .data import labeled
-from .loop import build_recon_loss, make_optimizer, seed_everything, train_step
+from .loop import build_recon_loss, make_optimizer, seed_everything, to_training_layout, train_step
 
 
 def infinite_batches(frames: list, cfg: Config, seed: int):
@@ -29,7 +29,7 @@ def train_local(cfg: Config, train_frames: list, progress: bool = True, desc: st
     seed_everything(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    model: PoseTTPNet = build_model(cfg.model)
+    model: PoseTTPNet = to_training_layout(build_model(cfg.model))
     recon_loss = build_recon_loss(model, cfg)
     optimizer = make_optimizer(model, cfg)
     model.train()

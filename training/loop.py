@@ -39,8 +39,17 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 def autocast_context(device: torch.device, cfg: Config):
-    """bf16 autocast on GPUs when allowed; "auto" leaves CPU training in fp32 (its results are the reference)."""
-    return autocast(device, cfg.train.amp, auto_on_cpu=False)
+    """bf16 autocast where the hardware runs it natively ("auto"), GPU or CPU alike."""
+    return autocast(device, cfg.train.amp)
+
+
+def to_training_layout(model: PoseTTPNet) -> PoseTTPNet:
+    """Channels-last weights (NCHW batches are taken as they are): faster oneDNN and cuDNN convolutions.
+
+    Measured on this repo's 2-core EPYC (synth_small transformer, batch 16, one thread, median step): fp32
+    455 ms contiguous vs 407 channels-last; with bf16 autocast 294 vs 262.
+    """
+    return model.to(memory_format=torch.channels_last)
 
 
 def train_step(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, optimizer: torch.optim.Optimizer,
