@@ -65,9 +65,9 @@ def error_structure(model: PoseTTPNet, frames: list, image_size: int) -> dict[st
 
 
 @torch.no_grad()
-def loss_response(model: PoseTTPNet, recon_loss, frames: list, image_size: int, offsets_px=(0.5, 1.0),
+def loss_response(model: PoseTTPNet, recon_loss, frames: list, image_size: int, offsets_hm=(0.5, 1.0),
                   draws: int = 4, batch: int = 16) -> dict[str, float]:
-    """Loss ratios against the loss of the model's own keypoints (1.0 = blind)."""
+    """Loss ratios against the loss of the model's own keypoints (1.0 = blind); offsets in heatmap px."""
     crops, _, groups = prepare_frames(frames, image_size)
     target, source = probe_pairs(crops, groups, len(crops), batch, seed=0)
     h_self = model.self_logits(target)
@@ -80,7 +80,7 @@ def loss_response(model: PoseTTPNet, recon_loss, frames: list, image_size: int, 
     gen = torch.Generator().manual_seed(1)
     model.__class__ = OffsetKeypoints
     try:
-        for size in offsets_px:
+        for size in offsets_hm:
             ratios = []
             for _ in range(draws):
                 angle = torch.rand(model.cfg.num_keypoints, generator=gen) * 2 * torch.pi
