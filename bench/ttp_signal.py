@@ -1,7 +1,7 @@
 """What the TTP loss can see, set against what is wrong with the base model's poses.
 
-1. Error structure on unlabeled-at-test-time persons: PCK@0.2 of the base model, and what it would be if the mean
-   error of each joint were removed per person or per video (oracles: they use the labels). A large per-video
+1. Error structure on held-out persons: PCK@0.2 of the base model, and what it would be if the mean error of
+   each joint were removed per person or per video (oracles: they use the labels, which TTP never sees). A large per-video
    share means the errors are mostly a steady offset of each joint within a video.
 2. How the self-supervised loss responds, on probe pairs of the same persons, to (a) swapping the keypoints
    between frames (the pose signal the safeguard checks) and (b) moving every keypoint by a fixed random offset
