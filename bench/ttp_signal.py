@@ -1,8 +1,8 @@
 """What the TTP loss can see, set against what is wrong with the base model's poses.
 
 1. Error structure on held-out persons: PCK@0.2 of the base model, and what it would be if the mean error of
-   each joint were removed per person or per video (oracles: they use the labels, which TTP never sees). A large per-video
-   share means the errors are mostly a steady offset of each joint within a video.
+   each joint were removed per person or per video (oracles: they use the labels, which TTP never sees). A large
+   per-video share means the errors are mostly a steady offset of each joint within a video.
 2. How the self-supervised loss responds, on probe pairs of the same persons, to (a) swapping the keypoints
    between frames (the pose signal the safeguard checks) and (b) moving every keypoint by a fixed random offset
    in both frames of a pair: the shape of a per-video bias. A loss blind to (b) cannot correct such a bias,
@@ -115,8 +115,8 @@ def main() -> None:
     summary = {"means": {k: float(np.mean([r[k] for r in rows])) for k in keys if not k.startswith(("swap", "offset"))},
                "medians": {k: float(np.median([r[k] for r in rows])) for k in keys if k.startswith(("swap", "offset"))}}
     print(json.dumps(summary, indent=1))
-    print("offset_D: every keypoint moved by D heatmap px (x", size // model.heatmap_size,
-          "image px) in a random direction, in both frames of each pair; ratios to the loss of the model's own keypoints")
+    print("offset_D: every keypoint moved by D heatmap px (x", size // model.heatmap_size, "crop px) in a random",
+          "direction, in both frames of each pair; ratios to the loss of the model's own keypoints")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "summary": summary, "persons": rows}, f, indent=1)
