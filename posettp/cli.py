@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from model.config import VARIANTS
+
 
 def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="YAML config (configs/*.yaml)")
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     p.add_argument("--out", default="runs/reproduce")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="table1's rows, comma-separated; baseline is always needed (default: all four)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="worker processes for the models and evaluations (default: one per core)")
     p.add_argument("--json", dest="json_out")

@@ -27,10 +27,11 @@ def toy(tmp_path_factory):
     posettp("synth", "--out", str(data), "--persons", "6", "--frames", "6", "--size", "64", "--extra-frames", "12")
     out = root / "out"
 
-    def reproduce(experiment: str, *extra: str, ok: bool = True, jobs: int = 1, to: Path = out) -> str:
+    def reproduce(experiment: str, *extra: str, ok: bool = True, jobs: int = 1, to: Path = out,
+                  flags: tuple[str, ...] = ()) -> str:
         sets = [a for kv in TOY + [f"data.url={data}", *extra] for a in ("--set", kv)]
         return posettp("reproduce", experiment, "--config", "configs/synth_small.yaml", *sets, "--seeds", "1",
-                       "--jobs", str(jobs), "--out", str(to), ok=ok)
+                       "--jobs", str(jobs), "--out", str(to), *flags, ok=ok)
     return reproduce, out
 
 
@@ -58,6 +59,17 @@ def test_table1_trains_every_variant_and_resumes_from_its_cache(toy):
     assert [p.stat().st_mtime_ns for p in cached] == stamps, "a resumed run retrained or re-evaluated"
     refused = reproduce("table1", "train.max_steps=3", ok=False)
     assert "made with other settings (train.max_steps); use another --out" in refused
+
+
+def test_table1_of_chosen_variants_trains_only_those(toy, tmp_path):
+    reproduce, _ = toy
+    out = tmp_path / "two"
+    printed = reproduce("table1", jobs=2, to=out, flags=("--variants", "transformer,baseline"))
+    assert "| transformer |" in printed and "| shared_rotation |" not in printed
+    assert set(json.loads((out / "table1.json").read_text())["results"]) == {"baseline", "transformer"}
+    assert sorted(p.name for p in (out / "models").iterdir()) == ["baseline-s0", "transformer-s0"]
+    refused = reproduce("table1", to=tmp_path / "none", flags=("--variants", "transformer"), ok=False)
+    assert "variants must include baseline" in refused
 
 
 def test_parallel_jobs_compute_what_a_serial_run_computes(toy, tmp_path):

@@ -25,13 +25,12 @@ from scipy.signal import savgol_filter
 from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.config import Config, load_config
+from model.config import VARIANTS, Config, load_config
 
 from .evaluate import evaluate_person, labeled_person_frames, model_with_loss, per_frame_pck, score
 from .local import train_local
 
 log = logging.getLogger(__name__)
-VARIANTS = ("baseline", "shared_rotation", "shared_keypoint", "transformer")
 SCENARIOS = ("none", "online", "offline")
 
 
@@ -49,9 +48,15 @@ def _cached(path: Path, compute):
 class Experiment:
     """Shared state of one reproduce run: config, data, cached models."""
 
-    def __init__(self, cfg: Config, out: Path, seeds: int, worker: bool = False):
-        """`worker`: one of `compute_in_parallel`'s processes, silent; the run itself records and checks --out."""
+    def __init__(self, cfg: Config, out: Path, seeds: int, worker: bool = False, variants=VARIANTS):
+        """`worker`: one of `compute_in_parallel`'s processes, silent; the run itself records and checks --out.
+        `variants`: Table 1's rows (a subset costs less: a longer-training run of two variants fits where four
+        do not); the baseline is always one, every (+Δ) is against it."""
+        unknown = sorted(set(variants) - set(VARIANTS))
+        if unknown or "baseline" not in variants:
+            raise ValueError(f"variants must include baseline and come from {VARIANTS}, got {list(variants)}")
         self.cfg, self.out, self.seeds, self.progress = cfg, out, seeds, not worker
+        self.variants = tuple(v for v in VARIANTS if v in variants)
         self.data_url = cfg.data.url
         self._train_frames = None
         self._test = None
@@ -162,7 +167,7 @@ def table1(exp: Experiment) -> dict:
     base_means = [np.mean([r["pck@0.2"] for r in exp.evaluation("baseline", s, "none")["persons"]]) for s in seeds]
     lines.append("| method | w/o TTP | online TTP | offline TTP |")
     lines.append("| --- | --- | --- | --- |")
-    for variant in VARIANTS:
+    for variant in exp.variants:
         row, cells = {}, []
         for scenario in SCENARIOS:
             if variant == "baseline" and scenario != "none":
@@ -338,10 +343,10 @@ def table5(exp: Experiment) -> dict:
 EXPERIMENTS = {"table1": table1, "table2": table2, "table5": table5, "fig3": fig3, "fig4": fig4}
 
 
-def evaluations_read(experiment: str, seeds: int) -> list[tuple]:
+def evaluations_read(experiment: str, seeds: int, variants=VARIANTS) -> list[tuple]:
     """The `Experiment.evaluation` arguments an experiment reads (fig4 adds its own offline runs, kept serial)."""
     if experiment == "table1":
-        return [(v, s, scenario) for v in VARIANTS for s in range(seeds) for scenario in SCENARIOS
+        return [(v, s, scenario) for v in variants for s in range(seeds) for scenario in SCENARIOS
                 if v != "baseline" or scenario == "none"]
     if experiment == "table2":
         return [("transformer", s, "none") for s in range(seeds)] + [
@@ -406,10 +411,10 @@ def compute_in_parallel(exp: Experiment, runs: list[tuple], jobs: int) -> None:
 def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
-    exp = Experiment(cfg, out, args.seeds)
+    exp = Experiment(cfg, out, args.seeds, variants=args.variants.split(","))
     t0 = time.perf_counter()
     if args.jobs > 1:
-        compute_in_parallel(exp, evaluations_read(args.experiment, args.seeds), args.jobs)
+        compute_in_parallel(exp, evaluations_read(args.experiment, args.seeds, exp.variants), args.jobs)
     result = EXPERIMENTS[args.experiment](exp)
     result["wall_seconds"] = time.perf_counter() - t0
     (out / f"{args.experiment}.md").write_text(result["markdown"] + "\n")
