@@ -52,8 +52,7 @@ class Experiment:
         """`worker`: one of `compute_in_parallel`'s processes, silent; the run itself records and checks --out.
         `variants`: Table 1's rows (a subset costs less: a longer-training run of two variants fits where four
         do not); the baseline is always one, every (+Δ) is against it."""
-        unknown = sorted(set(variants) - set(VARIANTS))
-        if unknown or "baseline" not in variants:
+        if "baseline" not in variants or not set(variants) <= set(VARIANTS):
             raise ValueError(f"variants must include baseline and come from {VARIANTS}, got {list(variants)}")
         self.cfg, self.out, self.seeds, self.progress = cfg, out, seeds, not worker
         self.variants = tuple(v for v in VARIANTS if v in variants)
