@@ -39,6 +39,9 @@ class ModelConfig:
     # moving the pixels within this sigma (heatmap px); needs render_skip
     warp_sigma: float = 0.0
     pretrained: str = ""  # local path to ImageNet ResNet weights; empty = random init (logged)
+    # inference only: quarter (the released code's argmax + quarter-pixel shift) | dark (a Gaussian fitted to the
+    # peak, sub-pixel: model.heatmaps.decode_dark); a coarse heatmap grid (synth_small: stride 4 on 64 px) needs it
+    decode: str = "quarter"
 
 
 @dataclass
@@ -123,6 +126,7 @@ class Config:
 VARIANTS = ("baseline", "shared_rotation", "shared_keypoint", "transformer")
 BACKBONES = ("small", "resnet18", "resnet50")
 AMP_MODES = ("auto", "bf16", "off")
+DECODINGS = ("quarter", "dark")  # model.heatmaps.DECODERS
 
 
 def _coerce(value: Any, current: Any, key: str) -> Any:
@@ -187,6 +191,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.backbone must be one of {BACKBONES}, got {cfg.model.backbone!r}")
     if cfg.model.image_size % 32:
         raise ConfigError(f"model.image_size must be a multiple of 32, got {cfg.model.image_size}")
+    if cfg.model.decode not in DECODINGS:
+        raise ConfigError(f"model.decode must be one of {DECODINGS}, got {cfg.model.decode!r}")
     if cfg.model.warp_sigma and not cfg.model.render_skip:
         raise ConfigError("model.warp_sigma warps the renderer's skip: it needs model.render_skip: true")
     if cfg.loss.perceptual not in ("vgg16", "vgg16_random", "none"):

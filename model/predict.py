@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .heatmaps import decode_argmax, heatmap_to_image
+from .heatmaps import DECODERS, heatmap_to_image
 from .network import PoseTTPNet
 from .transforms import apply_affine, invert
 
@@ -16,10 +16,11 @@ def predict_crops(model: PoseTTPNet, crops: torch.Tensor, matrices: np.ndarray, 
     if was_training:  # walking the module tree costs about 1 ms: the online loop calls this for every frame
         model.eval()
     device = next(model.parameters()).device
+    decode = DECODERS[model.cfg.decode]
     out = []
     for i in range(0, len(crops), batch_size):
         h_sup = model.pose(crops[i:i + batch_size].to(device))["h_sup"].float()
-        coords, score = decode_argmax(h_sup)
+        coords, score = decode(h_sup)
         coords = heatmap_to_image(coords, model.cfg.image_size, h_sup.shape[-1]).cpu().numpy()
         for j, (c, s) in enumerate(zip(coords, score.cpu().numpy())):
             xy = apply_affine(c, invert(matrices[i + j]))

@@ -96,14 +96,14 @@ def figure5(path: Path, model, frame, image_size: int) -> None:
     import torch
 
     from data.pairs import prepare_frame
-    from model.heatmaps import decode_argmax, heatmap_to_image
+    from model.heatmaps import DECODERS, heatmap_to_image
 
     crop, _ = prepare_frame(frame, image_size)
     with torch.no_grad():
         out = model(crop[None], crop[None])
     hm = out["h_sup"].shape[-1]
     kp = heatmap_to_image(out["kp_coords"][0], image_size, hm).numpy()
-    joints = heatmap_to_image(decode_argmax(out["h_sup"])[0][0], image_size, hm).numpy()
+    joints = heatmap_to_image(DECODERS[model.cfg.decode](out["h_sup"])[0][0], image_size, hm).numpy()
     w = out["affinity"][0].numpy()
     img = crop.permute(1, 2, 0).numpy()
     recon = out["recon"][0].permute(1, 2, 0).clamp(0, 1).numpy()

@@ -57,6 +57,8 @@ class Experiment:
         self.cfg, self.out, self.seeds, self.progress = cfg, out, seeds, not worker
         self.variants = tuple(v for v in VARIANTS if v in variants)
         self.data_url = cfg.data.url
+        # decoding is inference only: cached models are reused whatever it is, their evaluations are not
+        self.decode_tag = "" if cfg.model.decode == "quarter" else f"-{cfg.model.decode}"
         self._train_frames = None
         self._test = None
         if not worker:
@@ -69,7 +71,8 @@ class Experiment:
 
     def _refuse_stale_cache(self) -> None:
         """Models (and the evaluations cached with them) made with other model/loss/train/data settings would
-        be mixed into this run's tables: refuse such an --out instead."""
+        be mixed into this run's tables: refuse such an --out instead. `model.decode` is not one: it does not
+        change training, and the evaluations' cache names carry it."""
         from model.config import from_dict
 
         for meta in sorted((self.out / "models").glob("*/config.json")):
@@ -77,7 +80,7 @@ class Experiment:
             wanted = self.training_config(trained.model.variant, trained.train.seed)
             stale = [f"{section}.{k}" for section in ("model", "loss", "train", "data")
                      for k, v in getattr(wanted, section).__dict__.items()
-                     if getattr(getattr(trained, section), k) != v]
+                     if getattr(getattr(trained, section), k) != v and f"{section}.{k}" != "model.decode"]
             if stale:
                 raise ValueError(f"{meta.parent} was made with other settings ({', '.join(stale)}); "
                                  "use another --out for these")
@@ -107,6 +110,7 @@ class Experiment:
             save_checkpoint(str(path), model, cfg, cfg.train.max_steps,
                             {"train_seconds": time.perf_counter() - t0, "history": history}, recon)
         ck = load_checkpoint(str(path))
+        ck.config.model.decode = self.cfg.model.decode  # the model's cfg: predictions decode as this run says
         model, recon = model_with_loss(ck)
         return model, recon, ck.config
 
@@ -140,7 +144,7 @@ class Experiment:
 
     def evaluation_path(self, variant: str, seed: int, scenario: str, tag: str = "", ttp_overrides=()) -> Path:
         key = "" if scenario == "none" else self.ttp(ttp_overrides)[1]
-        return self.out / "evals" / f"{variant}-s{seed}-{scenario}{tag}{key}.json"
+        return self.out / "evals" / f"{variant}-s{seed}-{scenario}{tag}{self.decode_tag}{key}.json"
 
 
 def _with(cfg: Config, overrides: list[str]) -> Config:
@@ -289,7 +293,7 @@ def fig4(exp: Experiment) -> dict:
                 out.append(res["pck@0.2"] - none[pid]["pck@0.2"])
             return out
         for n in counts:
-            rows[n] += _cached(exp.out / "evals" / f"fig4-s{s}-n{n}{key}.json", lambda n=n: compute(n))
+            rows[n] += _cached(exp.out / "evals" / f"fig4-s{s}-n{n}{exp.decode_tag}{key}.json", lambda n=n: compute(n))
     means = [np.mean(rows[n]) * 100 if rows[n] else float("nan") for n in counts]
     ses = [np.std(rows[n], ddof=1) / np.sqrt(len(rows[n])) * 100 if len(rows[n]) > 1 else 0 for n in counts]
     fig, ax = plt.subplots(figsize=(5, 3.5))
