@@ -132,7 +132,9 @@ def test_online_waits_for_the_pose_signal_before_adapting(setup):
     result = personalize(model, recon, crops, matrices, groups, checked, "online", seed=0)
     base = predict_crops(model, crops, matrices)
     assert result.metrics["pose_signal"] is not None and result.metrics["pose_signal"] >= 0.5
-    np.testing.assert_allclose(result.predictions[:8], base[:8], atol=1e-5)  # frames 0..7: nothing adapted yet
+    # frames 0..7: nothing adapted yet (sub-pixel decoding shows the float noise of batch 1 vs a batch: 1e-4 px)
+    np.testing.assert_allclose(result.predictions[:8], base[:8], atol=1e-3)
+    assert np.abs(result.predictions[8:] - base[8:]).max() > 1e-2
     assert result.metrics["steps"] == len(crops) - 8  # one update per frame from frame 8 on
 
 
