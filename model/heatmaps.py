@@ -82,7 +82,7 @@ def decode_dark(heatmaps: torch.Tensor, blur_sigma: float = 1.0) -> tuple[torch.
     The quarter shift resolves half a heatmap pixel. At synth_small's stride 4 on 64-px crops that is 2 crop px,
     about the PCK@0.2 radius of its 96-px frames, so the grid, not the network, caps the score. The log of a
     Gaussian is a quadratic: one Newton step from the argmax on the smoothed log-heatmap finds its top. Maps
-    without a proper peak there (flat, or not concave) keep the integer argmax. Same outputs as `decode_argmax`.
+    without a proper peak there (flat, or not concave) keep the integer argmax. Returns what `decode_argmax` does.
     """
     x, y, maxval, at, inner = _peaks(heatmaps)
     b, j, h, w = heatmaps.shape

@@ -4,10 +4,9 @@ import pytest
 import torch
 
 from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from model.config import ConfigError, load_config
-from model.config import DECODINGS
-from model.heatmaps import (DECODERS, decode_argmax, decode_dark, gaussian_maps, gaussian_profiles, heatmap_to_image, image_to_heatmap,
-                            marginal_soft_argmax)
+from model.config import DECODINGS, ConfigError, load_config
+from model.heatmaps import (DECODERS, decode_argmax, decode_dark, gaussian_maps, gaussian_profiles, heatmap_to_image,
+                            image_to_heatmap, marginal_soft_argmax)
 from model.losses import ReconstructionLoss
 from model.metrics import bbc_macc, pck
 from model.network import ConvEncoder, build_model, parameter_counts
