@@ -28,8 +28,11 @@ def rotate_batch(images: torch.Tensor, generator: torch.Generator | None = None)
 
 def self_loss(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, target: torch.Tensor,
               source: torch.Tensor, h_self: torch.Tensor | None = None, frozen_appearance: bool = False,
-              update_means: bool | None = None) -> tuple[torch.Tensor, dict]:
+              update_means: bool | None = None, rotations: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
     """The self-supervised loss of the model's variant (zero for the baseline).
+
+    `rotations` draws the rotation variant's rotations (TTP passes a seeded one: a person's result must not depend
+    on the global RNG, and the guard must score the base and the adapted model on the same rotations).
 
     `frozen_appearance` computes the source's appearance code without a graph,
     which is exact whenever the appearance encoder does not adapt (TTP default).
@@ -44,7 +47,7 @@ def self_loss(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, target: 
         loss = recon_loss(rec["recon"].float(), target, source, update_means=update_means)
         return loss, {"recon": rec["recon"], "kp_coords": rec["kp_coords"]}
     if model.variant == "shared_rotation":
-        rotated, labels = rotate_batch(target)
+        rotated, labels = rotate_batch(target, rotations)
         return rotation_loss(model.rotation_head(model.encoder(rotated)), labels), {}
     return target.new_zeros(()), {}
 

@@ -99,7 +99,7 @@ def fold_batchnorm(module: nn.Module) -> nn.Module:
 class _Adapter:
     """One person's model copy, its optimizer, and the guard's bookkeeping."""
 
-    def __init__(self, base: PoseTTPNet, recon_loss: ReconstructionLoss | None, cfg: TTPConfig):
+    def __init__(self, base: PoseTTPNet, recon_loss: ReconstructionLoss | None, cfg: TTPConfig, seed: int = 0):
         self.base = copy.deepcopy(base).eval().requires_grad_(False)
         self.base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
         self.model = copy.deepcopy(base).eval().requires_grad_(False)
@@ -121,6 +121,8 @@ class _Adapter:
         self.recon_loss = recon_loss
         self.cfg = cfg
         self.frozen_appearance = "appearance" not in cfg.adapt
+        self.seed = seed
+        self.rotations = torch.Generator().manual_seed(seed)  # the update steps' draws (rotation variant)
         self.guard_events = 0
         self.pose_signal: float | None = None
         self.stopped = False
@@ -141,7 +143,7 @@ class _Adapter:
 
     def loss(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
         loss, _ = self_loss(self.loss_model, self.recon_loss, target, source,
-                            frozen_appearance=self.frozen_appearance, update_means=False)
+                            frozen_appearance=self.frozen_appearance, update_means=False, rotations=self.rotations)
         return loss
 
     def step(self, target: torch.Tensor, source: torch.Tensor) -> float:
@@ -175,7 +177,8 @@ class _Adapter:
         with autocast(self.device, self.cfg.amp):
             out = model.pose(target)
             loss, _ = self_loss(model, self.recon_loss, target, source, h_self=out.get("h_self"),
-                                frozen_appearance=self.frozen_appearance, update_means=False)
+                                frozen_appearance=self.frozen_appearance, update_means=False,
+                                rotations=torch.Generator().manual_seed(self.seed))  # the same draws every time
             return float(loss), float(out["h_sup"].float().amax(dim=(2, 3)).mean())
 
     @torch.no_grad()
@@ -261,7 +264,7 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
     gen = torch.Generator().manual_seed(seed)
     groups = np.asarray(groups)
     n, bs = len(crops), cfg.batch_size
-    adapter = _Adapter(model, recon_loss, cfg)
+    adapter = _Adapter(model, recon_loss, cfg, seed)
 
     def pairs(targets: np.ndarray, limit: int, g: torch.Generator):
         return draw_pairs(crops, groups, targets, limit, g)

@@ -213,3 +213,20 @@ def test_fast_step_matches_the_fp32_step_and_returns_standard_layout_weights(set
     result = personalize(model, recon, crops, matrices, groups, fast, "offline", seed=0)
     assert all(v.is_contiguous() for v in result.state.values())
     assert result.metrics["steps"] == cfg.ttp.steps
+
+
+def test_rotation_variant_personalizes_the_same_whatever_the_global_rng(setup):
+    """Its rotations come from the TTP seed: a person's result never depends on what ran before it."""
+    cfg, _, _, crops, matrices, groups = setup
+    rot_cfg = load_config("configs/synth_small.yaml", ["model.variant=shared_rotation", "ttp.steps=6",
+                                                       "ttp.batch_size=4", "ttp.lr=1e-3", "ttp.guard_window=2"])
+    torch.manual_seed(0)
+    model = build_model(rot_cfg.model).eval()
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        results.append(personalize(model, None, crops, matrices, groups, rot_cfg.ttp, "offline", seed=0))
+    assert results[0].metrics["steps"] > 0
+    assert all(torch.equal(v, results[1].state[k]) for k, v in results[0].state.items())
+    assert results[0].metrics["loss_before"] == results[1].metrics["loss_before"]
+    assert results[0].metrics["loss_after"] == results[1].metrics["loss_after"]
