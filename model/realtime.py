@@ -55,7 +55,7 @@ class FrameStream:
 class RealtimePersonalizer:
     def __init__(self, model: PoseTTPNet, recon_loss: ReconstructionLoss | None, cfg: TTPConfig, seed: int = 0,
                  adapt_threads: int = 1):
-        self.adapter = _Adapter(model, recon_loss, cfg)
+        self.adapter = _Adapter(model, recon_loss, cfg, seed)
         self.cfg = cfg
         self.serving = copy.deepcopy(model).eval()  # the copy predictions run on
         self.names = [n for n, p in self.adapter.model.named_parameters() if p.requires_grad]
