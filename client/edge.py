@@ -45,7 +45,8 @@ def main(args) -> int:
     if store:
         io.ensure_writable(args.store)
     dtype = args.dtype or "int8"
-    data, metrics, result = run_ttp(ck, frames, args.scenario, cfg.ttp, cfg.ttp.seed, person, dtype)
+    data, metrics, result = run_ttp(ck, frames, args.scenario, cfg.ttp, cfg.ttp.seed, person, dtype,
+                                   args.device)
     if metrics["delta_tensors"] == 0:
         print(f"TTP kept the base weights for {person} ({metrics['guard_events']} safeguard events): no delta to file")
     elif store:

@@ -11,21 +11,13 @@ import logging
 import resource
 import time
 
-import torch
-
 from model.checkpoint import Checkpoint
 from model.config import TTPConfig
 from model.delta import deltable_keys, encode_delta, extract_delta
+from model.device import pick_device
 from model.personalize import TTPResult, personalize
 
 log = logging.getLogger(__name__)
-
-def pick_device(device: str | None = None) -> torch.device:
-    """The client's GPU when it has one, else the CPU (override with 'cpu'/'cuda')."""
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
 
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
@@ -49,14 +41,10 @@ def run_ttp(checkpoint: Checkpoint, frames: list, scenario: str, cfg_ttp: TTPCon
         raise ValueError(f"person {person_id!r}: no frames to personalize on")
     t0 = time.perf_counter()
     dev = pick_device(device)
-    model, recon = model_with_loss(checkpoint)
-    base_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    base_state = {k: v.detach().cpu().clone() for k, v in checkpoint.model.state_dict().items()}
+    model, recon = model_with_loss(checkpoint, dev)
     crops, matrices, groups = prepare_frames(frames, checkpoint.config.model.image_size)
-    if dev.type != "cpu":
-        model = model.to(dev)
-        recon = recon.to(dev) if recon is not None else None
-        crops = crops.to(dev)
-    result = personalize(model, recon, crops, matrices, groups, cfg_ttp, scenario, seed)
+    result = personalize(model, recon, crops.to(dev), matrices, groups, cfg_ttp, scenario, seed)
     if dev.type != "cpu":
         checkpoint.model.to("cpu")
         result.state = {k: v.cpu() for k, v in result.state.items()}

@@ -8,12 +8,17 @@ import os
 import sys
 
 from model.config import VARIANTS
+from model.device import DEVICES
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="YAML config (configs/*.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set train.max_steps=30")
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=f"{' | '.join(DEVICES)} | cuda:N (auto: the GPU when present)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     dst.add_argument("--store", help="store URL: file the delta under persons/{id}/")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "int8"])
     p.add_argument("--overlay", help="write an overlay video/folder of the predictions")
+    _device_arg(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(target="client.edge:main")
 
@@ -77,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenario", choices=["none", "online", "offline"], default="none")
     p.add_argument("--store", help="apply each person's latest stored delta (scenario none)")
     p.add_argument("--persons", type=int, default=None, help="evaluate only the first N persons")
+    _device_arg(p)
     p.add_argument("--json", dest="json_out")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(target="training.evaluate:main")
@@ -90,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="table1's rows, comma-separated; baseline is always needed (default: all four)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="worker processes for the models and evaluations (default: one per core)")
+    _device_arg(p)
     p.add_argument("--json", dest="json_out")
     p.set_defaults(target="training.reproduce:main")
 

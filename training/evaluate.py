@@ -11,11 +11,13 @@ import json
 import logging
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from model.checkpoint import Checkpoint, load_checkpoint, restore_loss_buffers
 from model.config import Config, apply_overrides
 from model.delta import DeltaRejected, apply_delta
+from model.device import pick_device
 from model.metrics import bbc_macc, pck, pck_hits
 from model.personalize import personalize
 from model.predict import predict_crops
@@ -41,12 +43,16 @@ def per_frame_pck(predictions: np.ndarray, frames: list, alpha: float = 0.2) -> 
     return np.where(counted > 0, hits.sum(1) / np.maximum(counted, 1), np.nan)
 
 
-def model_with_loss(ck: Checkpoint):
-    """The checkpoint's model in eval mode and its reconstruction loss with the trained running means."""
+def model_with_loss(ck: Checkpoint, device: torch.device | None = None):
+    """The checkpoint's model in eval mode and its reconstruction loss with the trained running means, both moved
+    to `device` when given (the checkpoint's model is that same module)."""
     recon = build_recon_loss(ck.model, ck.config)
     if recon is not None:
         restore_loss_buffers(recon, ck.loss_buffers)
         recon.eval()
+    if device is not None:
+        ck.model.to(device)
+        recon = recon.to(device) if recon is not None else None
     return ck.model.eval(), recon
 
 
@@ -55,14 +61,16 @@ def evaluate_person(model, recon_loss, cfg: Config, frames: list, scenario: str,
     """Score one person's labeled frames. `adapt_frames` (offline only) replaces the adaptation set."""
     from data.pairs import prepare_frames
 
+    device = next(model.parameters()).device  # the crops go where the model is
     crops, matrices, groups = prepare_frames(frames, cfg.model.image_size)
+    crops = crops.to(device)
     result = {"frames": len(frames)}
     if scenario == "none":
         predictions = predict_crops(model, crops, matrices)
     elif scenario == "offline" and adapt_frames is not None:
         a_crops, a_matrices, a_groups = prepare_frames(adapt_frames, cfg.model.image_size)
-        ttp = personalize(model, recon_loss, a_crops, a_matrices, a_groups, cfg.ttp, scenario, seed)
-        tuned = type(model)(model.cfg)
+        ttp = personalize(model, recon_loss, a_crops.to(device), a_matrices, a_groups, cfg.ttp, scenario, seed)
+        tuned = type(model)(model.cfg).to(device)
         tuned.load_state_dict(ttp.state)
         predictions = predict_crops(tuned, crops, matrices)
         result["ttp"] = ttp.metrics
@@ -100,7 +108,8 @@ def main(args) -> int:
     cfg = apply_overrides(ck.config, args.overrides)
     manifest = read_manifest(args.data)
     cfg.data.dataset = manifest.get("dataset", cfg.data.dataset)
-    model, recon = model_with_loss(ck)
+    device = pick_device(args.device)
+    model, recon = model_with_loss(ck, device)
     if args.store and args.scenario != "none":
         raise ValueError("--store applies stored deltas: use it with --scenario none")
     store = DeltaStore(args.store) if args.store else None
@@ -119,7 +128,7 @@ def main(args) -> int:
                 found = None
             if found:
                 delta, _, record = found
-                person_model = type(model)(model.cfg)
+                person_model = type(model)(model.cfg).to(next(model.parameters()).device)
                 person_model.load_state_dict(apply_delta(model.state_dict(), delta))
                 person_model.eval()
                 version = record["version"]
@@ -129,7 +138,7 @@ def main(args) -> int:
     keys = ["macc"] if cfg.data.dataset == "bbc" else ["pck@0.2", "pck@0.5"]
     report = {"metric": "macc" if cfg.data.dataset == "bbc" else "pck@0.2", "mean": summarize(rows, keys),
               "persons": rows, "scenario": args.scenario, "checkpoint_sha256": ck.sha256,
-              "split": args.split, "data": args.data}
+              "split": args.split, "data": args.data, "device": str(device)}
     for r in rows:
         print(f"{r['person_id']:>16s}  " + "  ".join(f"{k} {r[k]:.3f}" for k in keys))
     print(f"{'mean':>16s}  " + "  ".join(f"{k} {report['mean'][k]:.3f}" for k in keys)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import VARIANTS, Config, load_config
+from model.device import pick_device
 
 from .evaluate import evaluate_person, labeled_person_frames, model_with_loss, per_frame_pck, score
 from .local import train_local
@@ -48,13 +49,16 @@ def _cached(path: Path, compute):
 class Experiment:
     """Shared state of one reproduce run: config, data, cached models."""
 
-    def __init__(self, cfg: Config, out: Path, seeds: int, worker: bool = False, variants=VARIANTS):
+    def __init__(self, cfg: Config, out: Path, seeds: int, worker: bool = False, variants=VARIANTS,
+                 device: str = "auto"):
         """`worker`: one of `compute_in_parallel`'s processes, silent; the run itself records and checks --out.
         `variants`: Table 1's rows (a subset costs less: a longer-training run of two variants fits where four
-        do not); the baseline is always one, every (+Δ) is against it."""
+        do not); the baseline is always one, every (+Δ) is against it. `device`: where models train and
+        evaluate (`model.device.pick_device`); each model and evaluation records it."""
         if "baseline" not in variants or not set(variants) <= set(VARIANTS):
             raise ValueError(f"variants must include baseline and come from {VARIANTS}, got {list(variants)}")
         self.cfg, self.out, self.seeds, self.progress = cfg, out, seeds, not worker
+        self.device = pick_device(device)
         self.variants = tuple(v for v in VARIANTS if v in variants)
         self.data_url = cfg.data.url
         # decoding is inference only: cached models are reused whatever it is, their evaluations are not
@@ -106,12 +110,13 @@ class Experiment:
             cfg = self.training_config(variant, seed)
             t0 = time.perf_counter()
             model, recon, history = train_local(cfg, self._train_frames, progress=self.progress,
-                                                desc=f"train {variant} s{seed}")
+                                                desc=f"train {variant} s{seed}", device=self.device)
             save_checkpoint(str(path), model, cfg, cfg.train.max_steps,
-                            {"train_seconds": time.perf_counter() - t0, "history": history}, recon)
+                            {"train_seconds": time.perf_counter() - t0, "history": history,
+                             "device": str(self.device)}, recon)
         ck = load_checkpoint(str(path))
         ck.config.model.decode = self.cfg.model.decode  # the model's cfg: predictions decode as this run says
-        model, recon = model_with_loss(ck)
+        model, recon = model_with_loss(ck, self.device)
         return model, recon, ck.config
 
     def ttp(self, overrides=()) -> tuple:
@@ -139,7 +144,7 @@ class Experiment:
                 res["predictions"] = res["predictions"].tolist()
                 rows.append({"person_id": pid, **res})
             return {"variant": variant, "seed": seed, "scenario": scenario, "persons": rows,
-                    "seconds": time.perf_counter() - t0}
+                    "seconds": time.perf_counter() - t0, "device": str(self.device)}
         return _cached(path, compute)
 
     def evaluation_path(self, variant: str, seed: int, scenario: str, tag: str = "", ttp_overrides=()) -> Path:
@@ -363,14 +368,14 @@ def evaluations_read(experiment: str, seeds: int, variants=VARIANTS) -> list[tup
 _worker: Experiment | None = None
 
 
-def _start_worker(cfg_dict: dict, out: str, seeds: int, threads: int) -> None:
+def _start_worker(cfg_dict: dict, out: str, seeds: int, threads: int, device: str) -> None:
     import torch
 
     from model.config import from_dict
 
     global _worker
     torch.set_num_threads(threads)
-    _worker = Experiment(from_dict(cfg_dict), Path(out), seeds, worker=True)
+    _worker = Experiment(from_dict(cfg_dict), Path(out), seeds, worker=True, device=device)
 
 
 def _train(variant: str, seed: int) -> None:
@@ -392,7 +397,7 @@ def compute_in_parallel(exp: Experiment, runs: list[tuple], jobs: int) -> None:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(exp.cfg.to_dict(), str(exp.out), exp.seeds, threads)) as pool, \
+                             initargs=(exp.cfg.to_dict(), str(exp.out), exp.seeds, threads, str(exp.device))) as pool, \
             tqdm(total=len(untrained) + len(todo), desc=f"models and evaluations ({jobs} jobs)") as bar:
         pending = {pool.submit(_train, *m): m for m in untrained}
         ready = [m for m in models if m not in untrained]
@@ -414,7 +419,7 @@ def compute_in_parallel(exp: Experiment, runs: list[tuple], jobs: int) -> None:
 def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
-    exp = Experiment(cfg, out, args.seeds, variants=args.variants.split(","))
+    exp = Experiment(cfg, out, args.seeds, variants=args.variants.split(","), device=args.device)
     t0 = time.perf_counter()
     if args.jobs > 1:
         compute_in_parallel(exp, evaluations_read(args.experiment, args.seeds, exp.variants), args.jobs)
