@@ -19,6 +19,7 @@ from model.personalize import TTPResult, personalize
 
 log = logging.getLogger(__name__)
 
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0

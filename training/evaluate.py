@@ -128,7 +128,7 @@ def main(args) -> int:
                 found = None
             if found:
                 delta, _, record = found
-                person_model = type(model)(model.cfg).to(next(model.parameters()).device)
+                person_model = type(model)(model.cfg).to(device)
                 person_model.load_state_dict(apply_delta(model.state_dict(), delta))
                 person_model.eval()
                 version = record["version"]
