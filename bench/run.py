@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import deltas, flower_round, forward, realtime, ttp_step
+from . import cuda, deltas, flower_round, forward, realtime, ttp_step
 from .common import always_adapting, machine, peak_rss_mb
 
 OUT = Path("bench")
@@ -122,6 +122,8 @@ def main() -> None:
         res.update(serve_numbers())
     if not args.skip_flower:
         res.update(flower_round.run(ck, data, persons=4))
+    if torch.cuda.is_available():  # the GPU against this machine's CPU (bench/cuda.py)
+        res["cuda"] = cuda.run(cpu_paper=False)["rows"]
     res["peak_rss_mb_bench"] = peak_rss_mb()
     (OUT / "results.json").write_text(json.dumps(res, indent=2, default=float))
     print(table(res))
