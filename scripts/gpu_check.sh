@@ -2,8 +2,8 @@
 # The GPU check, in one pass on a CUDA machine with python3 + torch (no Ray/Flower needed):
 #   1. bench.cuda: joint-training step, TTP step and prediction latency, GPU vs this machine's CPU, fp32 vs bf16;
 #   2. tests/test_cuda.py: training, prediction and TTP on CUDA against the CPU (CI has no GPU: they skip there);
-#   3. a longer-trained Table 1 (baseline + transformer, one seed) trained and evaluated on the GPU, its step count
-#      sized from the measured training step so that it fits the time left.
+#   3. Table 1 (baseline + transformer, one seed) trained and evaluated on the GPU, its step count sized from the
+#      measured training step so that it fits TRAIN_SECONDS.
 # Usage: scripts/gpu_check.sh DATA_URL OUT_DIR [TRAIN_SECONDS]
 # Everything it prints is also under OUT_DIR; the Table 1 run is packed as OUT_DIR/table1_gpu.tgz.
 set -uo pipefail

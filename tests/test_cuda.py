@@ -1,7 +1,7 @@
 """The GPU paths: training, prediction and TTP on CUDA behave as on the CPU.
 
 CI has no GPU, so the CUDA tests skip there; they run wherever torch sees one
-(the device check in the README runs them on an H100). The device choice itself is
+(`scripts/gpu_check.sh` ran them on an H100: `docs/gpu/`). The device choice itself is
 tested everywhere.
 """
 import copy
@@ -36,9 +36,9 @@ def test_device_choice():
 
 
 def on_cuda(model):
-    copy = build_model(model.cfg)
-    copy.load_state_dict(model.state_dict())
-    return copy.eval().cuda()
+    clone = build_model(model.cfg)
+    clone.load_state_dict(model.state_dict())
+    return clone.eval().cuda()
 
 
 @pytest.fixture
