@@ -46,9 +46,8 @@ def run_ttp(checkpoint: Checkpoint, frames: list, scenario: str, cfg_ttp: TTPCon
     model, recon = model_with_loss(checkpoint, dev)
     crops, matrices, groups = prepare_frames(frames, checkpoint.config.model.image_size)
     result = personalize(model, recon, crops.to(dev), matrices, groups, cfg_ttp, scenario, seed)
-    if dev.type != "cpu":
-        checkpoint.model.to("cpu")
-        result.state = {k: v.cpu() for k, v in result.state.items()}
+    checkpoint.model.to("cpu")  # the caller's checkpoint back where it was; both are no-ops on the CPU
+    result.state = {k: v.cpu() for k, v in result.state.items()}
     keys = deltable_keys(base_state, {n for n, _ in checkpoint.model.named_parameters()})
     delta = extract_delta(base_state, result.state, keys)
     m = result.metrics
