@@ -70,9 +70,12 @@ class PairDataset(Dataset):
         self.epoch = 0
         self.perm = flip_permutation(frames[0].keypoints.shape[0], flip_pairs)
         by_video: dict[tuple[str, str], list[int]] = defaultdict(list)
+        by_person: dict[str, list[int]] = defaultdict(list)
         for i, f in enumerate(frames):
             by_video[(f.person_id, f.video_id)].append(i)
+            by_person[f.person_id].append(i)
         self.video_of = [by_video[(f.person_id, f.video_id)] for f in frames]
+        self.person_of = [by_person[f.person_id] for f in frames]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -91,9 +94,14 @@ class PairDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, i])
         target = self.frames[i]
         others = [j for j in self.video_of[i] if j != i]
+        cross = self.cfg.cross_video > 0 and rng.random() < self.cfg.cross_video
+        if cross:  # another video of the person, where there is one
+            others = [j for j in self.person_of[i] if self.frames[j].video_id != target.video_id] or others
         source = self.frames[others[rng.integers(len(others))]] if others else target
         scale, rot, flip = self.augmentation(rng) if self.augment else (1.0, 0.0, False)
         m = crop_matrix(target.bbox, self.size, scale, rot, flip)
+        # a source from another video (another camera) is cropped by its own box, as TTP crops every frame
+        m_source = crop_matrix(source.bbox, self.size, scale, rot, flip) if source.video_id != target.video_id else m
         joints = apply_affine(target.keypoints[:, :2], m)
         visible = target.keypoints[:, 2] > 0
         if flip:
@@ -101,7 +109,7 @@ class PairDataset(Dataset):
         inside = (joints >= 0).all(axis=1) & (joints <= self.size - 1).all(axis=1)
         return {
             "target": torch.from_numpy(to_tensor_layout(warp(target.image, m, self.size))),
-            "source": torch.from_numpy(to_tensor_layout(warp(source.image, m, self.size))),
+            "source": torch.from_numpy(to_tensor_layout(warp(source.image, m_source, self.size))),
             "joints": torch.from_numpy(joints.astype(np.float32)),
             "visible": torch.from_numpy((visible & inside).astype(np.float32)),
             "matrix": torch.from_numpy(m.astype(np.float32)),

@@ -67,6 +67,9 @@ class DataConfig:
     rot_std: float = 30.0
     rot_prob: float = 0.6
     flip_prob: float = 0.5
+    # probability that a training pair's source comes from another video of the person (cropped by its own box):
+    # the reconstruction must then explain a change of view, where a per-video keypoint offset shows
+    cross_video: float = 0.0
     num_workers: int = 0
 
 
@@ -197,6 +200,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("model.warp_sigma warps the renderer's skip: it needs model.render_skip: true")
     if cfg.loss.perceptual not in ("vgg16", "vgg16_random", "none"):
         raise ConfigError(f"loss.perceptual must be vgg16, vgg16_random or none, got {cfg.loss.perceptual!r}")
+    if not 0 <= cfg.data.cross_video <= 1:
+        raise ConfigError(f"data.cross_video is a probability, got {cfg.data.cross_video}")
     for name in cfg.ttp.adapt:
         if name not in ("encoder", "self_head", "appearance", "kp_encoder", "renderer"):
             raise ConfigError(f"ttp.adapt: {name!r} may not adapt at test time")

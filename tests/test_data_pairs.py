@@ -77,3 +77,22 @@ def test_prepare_frame_and_person_helpers():
     assert crops.shape == (4, 3, SIZE, SIZE) and mats.shape == (4, 2, 3) and groups.tolist() == [0, 0, 1, 2]
     with pytest.raises(ValueError, match="one person"):
         person_stream(frames + [_frame(person="p1")])
+
+
+def test_cross_video_source_comes_from_another_video_cropped_by_its_own_box():
+    same = [_frame(video="v0", t=i, seed=i) for i in range(3)]
+    other = Frame("p0", "v1", 0, _frame(seed=9).image, _frame(seed=9).keypoints, np.array([5, 10, 60, 80], np.float32),
+                  "train")
+    frames = [*same, other, _frame(video="v0", person="p1", seed=5)]  # p1: another person, never a source of p0
+
+    def diff(crop, f, box):
+        return np.abs(crop.numpy() - to_tensor_layout(warp(f.image, crop_matrix(box, SIZE), SIZE))).mean()
+
+    cross = PairDataset(frames, SIZE, DataConfig(cross_video=1.0), augment=False)
+    for i in range(3):
+        assert diff(cross[i]["source"], other, other.bbox) < 0.01  # its own box, not the target's
+        assert diff(cross[i]["source"], other, same[i].bbox) > 0.05
+    # a video with no other video of its person falls back to its own video; cross_video=0 never leaves it
+    assert diff(cross[4]["source"], frames[4], frames[4].bbox) < 0.01
+    plain = PairDataset(frames, SIZE, DataConfig(), augment=False)
+    assert all(min(diff(plain[i]["source"], f, same[i].bbox) for f in same if f.frame != i) < 0.01 for i in range(3))
