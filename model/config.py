@@ -105,6 +105,7 @@ class TTPConfig:
     # loss by this ratio (else the loss cannot tell a right pose from a wrong one); 0 = off
     min_pose_signal: float = 1.02
     signal_frames: int = 16  # online: frames seen before the check; no adaptation until then
+    cross_video: float = 0.0  # probability that a TTP pair's source comes from another (earlier) video
     amp: str = "auto"  # bf16 autocast of the update step: auto (where the CPU/GPU has native bf16) | bf16 | off
     channels_last: bool = True  # NHWC layout for the person's model copy (faster oneDNN convolutions)
     seed: int = 0
@@ -200,8 +201,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("model.warp_sigma warps the renderer's skip: it needs model.render_skip: true")
     if cfg.loss.perceptual not in ("vgg16", "vgg16_random", "none"):
         raise ConfigError(f"loss.perceptual must be vgg16, vgg16_random or none, got {cfg.loss.perceptual!r}")
-    if not 0 <= cfg.data.cross_video <= 1:
-        raise ConfigError(f"data.cross_video is a probability, got {cfg.data.cross_video}")
+    for key, p in (("data.cross_video", cfg.data.cross_video), ("ttp.cross_video", cfg.ttp.cross_video)):
+        if not 0 <= p <= 1:
+            raise ConfigError(f"{key} is a probability, got {p}")
     for name in cfg.ttp.adapt:
         if name not in ("encoder", "self_head", "appearance", "kp_encoder", "renderer"):
             raise ConfigError(f"ttp.adapt: {name!r} may not adapt at test time")

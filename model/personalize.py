@@ -235,18 +235,33 @@ def _draw(pool: np.ndarray, k: int, gen: torch.Generator) -> np.ndarray:
     return pool[torch.randint(len(pool), (k,), generator=gen).numpy()]
 
 
-def draw_pairs(crops: torch.Tensor, groups: np.ndarray, targets: np.ndarray, limit: int, gen: torch.Generator):
-    """(target, source) crops: each source from the target's video among frames < limit; shared augmentation."""
-    n = len(groups)
-    sources = np.array([_draw(np.flatnonzero((groups == groups[t]) & (np.arange(n) < limit)), 1, gen)[0]
-                        for t in targets])
-    return shared_augment(crops[targets], crops[sources], gen)
+def draw_sources(groups: np.ndarray, targets: np.ndarray, limit: int, gen: torch.Generator,
+                 cross_video: float = 0.0) -> np.ndarray:
+    """A source index for each target among frames < limit: from the target's video, or with probability
+    `cross_video` from another video where there is one (another camera: the reconstruction must then explain a
+    change of view, where a steady per-video keypoint offset shows)."""
+    earlier = np.arange(len(groups)) < limit
+
+    def source(t: int) -> int:
+        other = earlier & (groups != groups[t])
+        if cross_video > 0 and torch.rand((), generator=gen).item() < cross_video and other.any():
+            return _draw(np.flatnonzero(other), 1, gen)[0]
+        return _draw(np.flatnonzero(earlier & (groups == groups[t])), 1, gen)[0]
+
+    return np.array([source(t) for t in targets])
 
 
-def probe_pairs(crops: torch.Tensor, groups: np.ndarray, limit: int, batch_size: int, seed: int):
+def draw_pairs(crops: torch.Tensor, groups: np.ndarray, targets: np.ndarray, limit: int, gen: torch.Generator,
+               cross_video: float = 0.0):
+    """(target, source) crops (sources by `draw_sources`) under one shared augmentation."""
+    return shared_augment(crops[targets], crops[draw_sources(groups, targets, limit, gen, cross_video)], gen)
+
+
+def probe_pairs(crops: torch.Tensor, groups: np.ndarray, limit: int, batch_size: int, seed: int,
+                cross_video: float = 0.0):
     """A fixed probe batch among frames < limit (its own generator: reproducible, look-ahead free)."""
     g = torch.Generator().manual_seed(seed + 7919)
-    return draw_pairs(crops, groups, _draw(np.arange(limit), batch_size, g), limit, g)
+    return draw_pairs(crops, groups, _draw(np.arange(limit), batch_size, g), limit, g, cross_video)
 
 
 def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops: torch.Tensor,
@@ -267,10 +282,10 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
     adapter = _Adapter(model, recon_loss, cfg, seed)
 
     def pairs(targets: np.ndarray, limit: int, g: torch.Generator):
-        return draw_pairs(crops, groups, targets, limit, g)
+        return draw_pairs(crops, groups, targets, limit, g, cfg.cross_video)
 
     def probe(limit: int):
-        return probe_pairs(crops, groups, limit, bs, seed)
+        return probe_pairs(crops, groups, limit, bs, seed, cfg.cross_video)
 
     losses: list[float] = []
     if scenario == "offline":

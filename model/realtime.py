@@ -85,11 +85,13 @@ class RealtimePersonalizer:
                 t = nxt
             with self._lock:
                 crops, groups = self._stream.upto(t)
-            probe = lambda: probe_pairs(crops, groups, t + 1, self.cfg.batch_size, self._seed)  # noqa: E731
+            probe = lambda: probe_pairs(crops, groups, t + 1, self.cfg.batch_size, self._seed,  # noqa: E731
+                                        self.cfg.cross_video)
             if not self.adapter.signal_allows(t + 1, probe) or not (groups[:t] == groups[t]).any():
                 continue
             for _ in range(self.cfg.iters):
-                self.adapter.step(*draw_pairs(crops, groups, np.full(self.cfg.batch_size, t), t, self._gen))
+                self.adapter.step(*draw_pairs(crops, groups, np.full(self.cfg.batch_size, t), t, self._gen,
+                                              self.cfg.cross_video))
                 self.updates += 1
             params = dict(self.adapter.model.named_parameters())
             self._snapshot = {n: params[n].detach().clone() for n in self.names}

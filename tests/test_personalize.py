@@ -9,7 +9,7 @@ import torch
 from model.config import load_config
 from model.delta import apply_delta, decode_and_validate, deltable_keys, encode_delta, extract_delta
 from model.network import build_model
-from model.personalize import adaptable_parameters, personalize
+from model.personalize import adaptable_parameters, draw_sources, personalize
 from model.predict import predict_crops
 from training.loop import build_recon_loss
 
@@ -230,3 +230,28 @@ def test_rotation_variant_personalizes_the_same_whatever_the_global_rng(setup):
     assert all(torch.equal(v, results[1].state[k]) for k, v in results[0].state.items())
     assert results[0].metrics["loss_before"] == results[1].metrics["loss_before"]
     assert results[0].metrics["loss_after"] == results[1].metrics["loss_after"]
+
+
+def test_cross_video_sources_come_from_earlier_frames_of_other_videos():
+    groups = np.repeat([0, 1, 2], 4)
+    gen = torch.Generator().manual_seed(0)
+    targets = np.full(200, 9)  # video 2; frames 0-7 are videos 0 and 1
+    assert set(draw_sources(groups, targets, limit=9, gen=gen, cross_video=1.0)) == set(range(8))
+    half = draw_sources(groups, targets, limit=9, gen=gen, cross_video=0.5)
+    assert set(half) <= set(range(9)) and 60 < (half == 8).sum() < 140  # about half from its own earlier frame
+    assert set(draw_sources(groups, targets, limit=9, gen=gen)) == {8}
+    # where no other video is there yet, the source comes from the target's own video
+    assert set(draw_sources(groups, np.full(20, 2), limit=2, gen=gen, cross_video=1.0)) <= {0, 1}
+
+
+def test_online_with_cross_video_sources_never_looks_at_future_frames(setup):
+    cfg, model, recon, crops, matrices, groups = setup
+    ttp = dataclasses.replace(cfg.ttp, cross_video=0.5)
+    a = personalize(model, recon, crops, matrices, groups, ttp, "online", seed=3)
+    future_changed = crops.clone()
+    future_changed[8:] = torch.rand(4, 3, 64, 64)
+    b = personalize(model, recon, future_changed, matrices, groups, ttp, "online", seed=3)
+    np.testing.assert_array_equal(a.predictions[:8], b.predictions[:8])
+    same_video = personalize(model, recon, crops, matrices, groups, dataclasses.replace(cfg.ttp, cross_video=0.0),
+                             "online", seed=3)
+    assert not np.array_equal(a.predictions[7:], same_video.predictions[7:])  # video 1 also learnt from video 0
