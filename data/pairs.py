@@ -56,7 +56,9 @@ def person_set(frames: list[Frame], unlabeled: bool = True) -> list[Frame]:
 
 class PairDataset(Dataset):
     """Training pairs (DESIGN §3): target = frame i, source = another frame of the same video, both
-    cropped by the target's box under one shared random scale/rotation/flip.
+    cropped by the target's box under one shared random scale/rotation/flip. With probability
+    `data.cross_video` the source comes from another video of the person instead, cropped by its own box
+    (its camera differs, so the target's box would miss the person).
 
     The augmentation of item i is drawn from (seed, epoch, i), so it is reproducible and
     independent of DataLoader workers; call `set_epoch` to draw new ones each epoch.
