@@ -243,9 +243,10 @@ def draw_sources(groups: np.ndarray, targets: np.ndarray, limit: int, gen: torch
     earlier = np.arange(len(groups)) < limit
 
     def source(t: int) -> int:
-        other = earlier & (groups != groups[t])
-        if cross_video > 0 and torch.rand((), generator=gen).item() < cross_video and other.any():
-            return _draw(np.flatnonzero(other), 1, gen)[0]
+        if cross_video > 0 and torch.rand((), generator=gen).item() < cross_video:
+            other = np.flatnonzero(earlier & (groups != groups[t]))
+            if len(other):
+                return _draw(other, 1, gen)[0]
         return _draw(np.flatnonzero(earlier & (groups == groups[t])), 1, gen)[0]
 
     return np.array([source(t) for t in targets])
