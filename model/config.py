@@ -106,6 +106,9 @@ class TTPConfig:
     min_pose_signal: float = 1.02
     signal_frames: int = 16  # online: frames seen before the check; no adaptation until then
     cross_video: float = 0.0  # probability that a TTP pair's source comes from another (earlier) video
+    # Trust region: no adapted weight moves further from its base value than this many learning-rate-sized steps
+    # (Adam moves each weight by about lr per step), however many updates run; 0 = unbounded
+    drift_steps: float = 0.0
     amp: str = "auto"  # bf16 autocast of the update step: auto (where the CPU/GPU has native bf16) | bf16 | off
     channels_last: bool = True  # NHWC layout for the person's model copy (faster oneDNN convolutions)
     seed: int = 0

@@ -24,7 +24,9 @@ Two label-free safeguards (beyond the paper):
   adaptation, or when the supervised heatmaps' mean peak falls below `guard_confidence`
   times the base model's (measured on synthetic persons: every person whose PCK fell
   under TTP had lost heatmap confidence, the ones that gained had not).
-Both count as guard events.
+Both count as guard events. A third, `drift_steps`, is a trust region: every adapted weight stays within
+`drift_steps * lr` of its base value, so more updates per frame cannot carry the model further from the base
+than a few dozen did (Table 2: without it, four updates per frame lose on average even with the guard).
 """
 from __future__ import annotations
 
@@ -118,6 +120,7 @@ class _Adapter:
         self.params = [p for _, p in adaptable_parameters(self.model, cfg.adapt)]
         for p in self.params:
             p.requires_grad_(True)
+        self.anchors = [p.detach().clone() for p in self.params]  # the base values the trust region is around
         self.recon_loss = recon_loss
         self.cfg = cfg
         self.frozen_appearance = "appearance" not in cfg.adapt
@@ -157,7 +160,16 @@ class _Adapter:
             return float("nan")
         loss.backward()
         self.optimizer.step()
+        if self.cfg.drift_steps:
+            self._project()
         return float(loss.detach())
+
+    @torch.no_grad()
+    def _project(self) -> None:
+        """Clamp every adapted weight into its trust region around the base value."""
+        radius = self.cfg.drift_steps * self.cfg.lr
+        for p, anchor in zip(self.params, self.anchors):
+            torch.clamp(p, anchor - radius, anchor + radius, out=p)
 
     def _laid_out(self, images: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         return tuple(x.contiguous(memory_format=self.layout) for x in images)

@@ -102,6 +102,20 @@ def test_delta_extraction_and_application_reproduce_personalized_predictions(set
     np.testing.assert_allclose(predict_crops(restored, crops, matrices), result.predictions, atol=1e-4)
 
 
+def test_trust_region_bounds_every_weight_and_binds(setup):
+    cfg, model, recon, crops, matrices, groups = setup
+    bounded = dataclasses.replace(cfg.ttp, drift_steps=2.0)
+    base = model.state_dict()
+    for scenario in ("offline", "online"):
+        free = personalize(model, recon, crops, matrices, groups, cfg.ttp, scenario, seed=0).state
+        kept = personalize(model, recon, crops, matrices, groups, bounded, scenario, seed=0).state
+        radius = bounded.drift_steps * bounded.lr
+        for name, _ in adaptable_parameters(model, cfg.ttp.adapt):
+            assert (kept[name] - base[name]).abs().max() <= radius * (1 + 1e-5), name
+        # unbounded, the same run goes further than the region allows: the bound is what held it
+        assert max(float((free[n] - base[n]).abs().max()) for n, _ in adaptable_parameters(model, cfg.ttp.adapt)) > radius
+
+
 def test_guard_rolls_back_a_diverging_person(setup):
     cfg, model, recon, crops, matrices, groups = setup
     wild = load_config("configs/synth_small.yaml", ["ttp.steps=20", "ttp.batch_size=4", "ttp.lr=1.0",

@@ -208,8 +208,10 @@ def table1(exp: Experiment) -> dict:
 
 
 def _table2_run(iters: int, guard: bool) -> tuple[str, tuple[str, ...]]:
-    """Cache tag and TTP overrides of one Table 2 cell (without the guard, the pose-signal check is off too)."""
-    overrides = (f"ttp.iters={iters}", f"ttp.guard={guard}") + (() if guard else ("ttp.min_pose_signal=0",))
+    """Cache tag and TTP overrides of one Table 2 cell (without the guard, the pose-signal check and the trust
+    region are off too: the paper's plain TTP)."""
+    overrides = (f"ttp.iters={iters}", f"ttp.guard={guard}") + (() if guard else ("ttp.min_pose_signal=0",
+                                                                                  "ttp.drift_steps=0"))
     return f"-it{iters}-{'guard' if guard else 'noguard'}", overrides
 
 
