@@ -13,7 +13,7 @@ gradients, the source's appearance code is computed without a graph) and runs th
 person's copy channels-last with bf16 autocast where the hardware has native bf16
 (`ttp.channels_last`, `ttp.amp`; measured in `bench/ttp_step.py`).
 
-Two label-free safeguards (beyond the paper):
+Label-free safeguards (beyond the paper), two on by default:
 - the pose-signal check: before adapting, swap the keypoints between the frames of a
   probe batch; if the base model's reconstruction loss hardly rises (< `min_pose_signal`),
   the loss does not depend on where the keypoints are, its gradient carries no pose
@@ -24,9 +24,9 @@ Two label-free safeguards (beyond the paper):
   adaptation, or when the supervised heatmaps' mean peak falls below `guard_confidence`
   times the base model's (measured on synthetic persons: every person whose PCK fell
   under TTP had lost heatmap confidence, the ones that gained had not).
-Both count as guard events. A third, `drift_steps`, is a trust region: every adapted weight stays within
-`drift_steps * lr` of its base value, so more updates per frame cannot carry the model further from the base
-than a few dozen did (Table 2: without it, four updates per frame lose on average even with the guard).
+Both count as guard events. A third, opt-in (`drift_steps`), is a trust region: every adapted weight stays within
+`drift_steps * lr` of its base value (about as far as that many Adam steps move it), however many updates run.
+On synthetic persons it keeps four updates per frame from losing, and halves the gain (README).
 """
 from __future__ import annotations
 
