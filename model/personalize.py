@@ -117,10 +117,11 @@ class _Adapter:
                 self.loss_model._modules[name] = fold_batchnorm(copy.deepcopy(self.model._modules[name]))
                 self.base._modules[name] = fold_batchnorm(self.base._modules[name])
         self.device = next(base.parameters()).device
-        self.params = [p for _, p in adaptable_parameters(self.model, cfg.adapt)]
+        adapted = adaptable_parameters(self.model, cfg.adapt)
+        self.params = [p for _, p in adapted]
         for p in self.params:
             p.requires_grad_(True)
-        self.anchors = [p.detach().clone() for p in self.params]  # the base values the trust region is around
+        self.anchors = [self.base_state[n] for n, _ in adapted]  # the base values the trust region is around
         self.recon_loss = recon_loss
         self.cfg = cfg
         self.frozen_appearance = "appearance" not in cfg.adapt
