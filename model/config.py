@@ -113,6 +113,12 @@ class TTPConfig:
     channels_last: bool = True  # NHWC layout for the person's model copy (faster oneDNN convolutions)
     seed: int = 0
 
+    @property
+    def drift_radius(self) -> float:
+        """How far (absolute) TTP may move any adapted weight from its base value; inf without a trust region.
+        Also what the Flower server holds honest clients' deltas to (`server.fl.make_store`)."""
+        return self.drift_steps * self.lr if self.drift_steps > 0 else float("inf")
+
 
 @dataclass
 class Config:
@@ -207,6 +213,8 @@ def _validate(cfg: Config) -> None:
     for key, p in (("data.cross_video", cfg.data.cross_video), ("ttp.cross_video", cfg.ttp.cross_video)):
         if not 0 <= p <= 1:
             raise ConfigError(f"{key} is a probability, got {p}")
+    if cfg.ttp.drift_steps < 0:
+        raise ConfigError(f"ttp.drift_steps must be >= 0 (0 = no trust region), got {cfg.ttp.drift_steps}")
     for name in cfg.ttp.adapt:
         if name not in ("encoder", "self_head", "appearance", "kp_encoder", "renderer"):
             raise ConfigError(f"ttp.adapt: {name!r} may not adapt at test time")

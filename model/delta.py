@@ -8,6 +8,7 @@ is used, and nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import torch
@@ -21,6 +22,9 @@ DELTA_PREFIXES = ("encoder.", "self_head.")
 DTYPES = ("fp32", "fp16", "int8")
 DEFAULT_NORM_BOUND = 1.0  # L2 norm of the whole delta relative to the base weights it touches
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+# Rounding an honest trust-region delta may add: fp16 storage (2^-11 relative, 2^-25 absolute among fp16's subnormals;
+# with room) and base + radius in fp32 (half an ulp of the base weight)
+BOUND_REL_SLACK, BOUND_ABS_SLACK, BOUND_BASE_SLACK = 2.0 ** -10, 2.0 ** -24, 2.0 ** -22
 
 
 class DeltaRejected(ValueError):
@@ -89,8 +93,13 @@ def read_metadata(data: bytes) -> dict:
 
 def decode_and_validate(data: bytes, base_state: dict[str, torch.Tensor], allowed_keys: set[str],
                         base_sha256: str, max_bytes: int = DEFAULT_MAX_BYTES,
-                        norm_bound: float = DEFAULT_NORM_BOUND) -> tuple[dict[str, torch.Tensor], dict]:
-    """Return (fp32 delta, metadata) or raise DeltaRejected with the reason."""
+                        norm_bound: float = DEFAULT_NORM_BOUND,
+                        max_abs: float = math.inf) -> tuple[dict[str, torch.Tensor], dict]:
+    """Return (fp32 delta, metadata) or raise DeltaRejected with the reason.
+
+    `max_abs`: no weight may move further than this (the trust region honest clients ran with, up to rounding);
+    a much tighter check than the norm bound where it applies.
+    """
     if len(data) > max_bytes:
         raise DeltaRejected(f"delta is {len(data)} bytes, over the {max_bytes}-byte cap")
     meta = read_metadata(data)
@@ -123,6 +132,12 @@ def decode_and_validate(data: bytes, base_state: dict[str, torch.Tensor], allowe
     for k, v in delta.items():
         if not torch.isfinite(v).all():
             raise DeltaRejected(f"tensor {k!r} holds NaN or Inf")
+        if max_abs < math.inf:
+            slack = max_abs * BOUND_REL_SLACK + BOUND_ABS_SLACK + base_state[k].abs() * BOUND_BASE_SLACK
+            excess = v.abs() - (max_abs + slack)
+            if bool((excess > 0).any()):
+                raise DeltaRejected(f"tensor {k!r} moves a weight by {float(v.abs().max()):.3g}, beyond the "
+                                    f"trust region of {max_abs:.3g} the clients run with")
         delta_sq += float((v.double() ** 2).sum())
         base_sq += float((base_state[k].double() ** 2).sum())
     rel = (delta_sq ** 0.5) / max(base_sq ** 0.5, 1e-12)

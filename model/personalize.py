@@ -168,7 +168,7 @@ class _Adapter:
     @torch.no_grad()
     def _project(self) -> None:
         """Clamp every adapted weight into its trust region around the base value."""
-        radius = self.cfg.drift_steps * self.cfg.lr
+        radius = self.cfg.drift_radius
         for p, anchor in zip(self.params, self.anchors):
             torch.clamp(p, anchor - radius, anchor + radius, out=p)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import resource
 import time
@@ -96,9 +97,12 @@ def default_size_cap(base: BaseModelInfo) -> int:
     return tensors + 65536 + 512 * len(base.allowed_keys)
 
 
-def make_store(settings: FLSettings, base: BaseModelInfo) -> DeltaStore:
+def make_store(settings: FLSettings, base: BaseModelInfo, drift_radius: float = math.inf) -> DeltaStore:
+    """The store every reply is filed through. `drift_radius`: the base checkpoint's trust region
+    (`ttp.drift_radius`); clients personalize with the checkpoint's TTP settings, so no honest delta moves a
+    weight further."""
     cap = settings.max_delta_bytes or default_size_cap(base)
-    return DeltaStore(settings.storage, max_bytes=cap, norm_bound=settings.norm_bound)
+    return DeltaStore(settings.storage, max_bytes=cap, norm_bound=settings.norm_bound, max_abs=drift_radius)
 
 
 def _numbers(record) -> dict:
@@ -277,12 +281,14 @@ def run_federation(grid: Grid, context: Context) -> dict:
         io.ensure_writable(settings.storage)
         ck = load_checkpoint(settings.base_checkpoint)
         ck_bytes = len(state_bytes(ck.model))
-        summary.update(base_sha256=ck.sha256, checkpoint_bytes=ck_bytes)
+        radius = ck.config.ttp.drift_radius
+        summary.update(base_sha256=ck.sha256, checkpoint_bytes=ck_bytes,
+                       trust_region=radius if math.isfinite(radius) else None)
         log.info("base %s (%s, %d bytes), storage %s", settings.base_checkpoint, ck.sha256[:12], ck_bytes,
                  settings.storage if "://" in settings.storage else os.path.abspath(settings.storage))
         for rnd in range(1, settings.rounds + 1):
             base = BaseModelInfo.from_model(ck.model, ck.sha256)
-            store = make_store(settings, base)
+            store = make_store(settings, base, radius)
             nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait)
             if len(nodes) < settings.min_nodes:
                 raise RuntimeError(f"only {len(nodes)} node(s) connected within {settings.node_wait:.0f}s, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -44,17 +45,20 @@ class BaseModelInfo:
 
 
 class DeltaStore:
-    def __init__(self, url: str, max_bytes: int = DEFAULT_MAX_BYTES, norm_bound: float = DEFAULT_NORM_BOUND):
+    def __init__(self, url: str, max_bytes: int = DEFAULT_MAX_BYTES, norm_bound: float = DEFAULT_NORM_BOUND,
+                 max_abs: float = math.inf):
+        """`norm_bound`, `max_abs`: what `decode_and_validate` holds every delta to."""
         self.url = url.rstrip("/")
         self.max_bytes = max_bytes
         self.norm_bound = norm_bound
+        self.max_abs = max_abs
 
     def _person(self, person_id: str, *parts: str) -> str:
         return io.join(self.url, "persons", check_person_id(person_id), *parts)
 
     def validate(self, data: bytes, base: BaseModelInfo, person_id: str | None = None):
         delta, meta = decode_and_validate(data, base.state, base.allowed_keys, base.sha256,
-                                          self.max_bytes, self.norm_bound)
+                                          self.max_bytes, self.norm_bound, self.max_abs)
         if person_id is not None and meta.get("person_id") != person_id:
             raise DeltaRejected(f"delta is for person {meta.get('person_id')!r}, not {person_id!r}")
         return delta, meta

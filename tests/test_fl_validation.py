@@ -373,6 +373,7 @@ def test_round_survives_failures_and_dropouts_and_reports_verdicts(ck, ck_url, t
     on_disk = json.loads((store / "fl-runs" / "run-42.json").read_text())
     assert on_disk["status"] == "finished" and on_disk["stored"] == 1 and on_disk["wall_seconds"] > 0
     assert on_disk["checkpoint_bytes"] > persons["good"]["bytes"] > 0
+    assert on_disk["trust_region"] is None  # the fixture has none: no per-weight bound
     verdicts = {m.metadata.dst_node_id: m.content["verdict"] for m in grid.sent if m.metadata.message_type != TRAIN}
     assert set(verdicts) == {1, 2, 3}
     assert verdicts[2]["status"] == "refused" and "made for base" in verdicts[2]["reason"]
@@ -399,3 +400,48 @@ def test_bad_run_config_is_rejected():
         FLSettings.from_run_config({"base-checkpoint": "x", "storage": "x", "scenario": "sometimes"})
     with pytest.raises(ValueError, match="delta-dtype"):
         FLSettings.from_run_config({"base-checkpoint": "x", "storage": "x", "delta-dtype": "int4"})
+
+
+def test_server_holds_deltas_to_the_base_trust_region(tmp_path, person_shards):
+    """With `ttp.drift_steps` in the base checkpoint, real clients' deltas (int8, fp16) reach the trust region's
+    edge and are stored; a federation over that base refuses a delta with one weight 5 % beyond the edge, which
+    passes without the bound."""
+    from safetensors.torch import load
+
+    from model.delta import decode_and_validate
+
+    url = str(tmp_path / "ck")
+    make_checkpoint(url, ["ttp.drift_steps=1"])
+    ck = load_checkpoint(url)
+    base = BaseModelInfo.from_model(ck.model, ck.sha256)
+    radius = ck.config.ttp.drift_radius
+    assert radius == ck.config.ttp.lr
+    settings = FLSettings(base_checkpoint=url, storage=str(tmp_path / "store"))
+    store = make_store(settings, base, radius)
+    for person, dtype in (("p000", "int8"), ("p001", "fp16")):
+        out = client_call(ck, {"person-id": person, "data-path": person_shards},
+                          settings={"scenario": "offline", "ttp-steps": 3, "delta-dtype": dtype, "seed": 0,
+                                    "round": 1})
+        blob = out.content["delta"][BLOB_KEY].numpy().tobytes()
+        assert set(load(blob)), "TTP changed nothing: the test would not see the bound"
+        delta, _ = decode_and_validate(blob, base.state, base.allowed_keys, base.sha256)
+        largest = max(float(v.abs().max()) for v in delta.values())
+        assert 0.99 * radius < largest < 1.01 * radius, (dtype, largest / radius)  # three steps reach the edge
+        assert handle_reply(out, store, base)["status"] == "stored"
+    k = next(iter(delta))
+    delta[k].view(-1)[0] = 1.05 * radius
+    beyond = encode(ck, delta, dtype="fp32", person="p002")
+
+    def client(m):
+        content = RecordDict({"status": ConfigRecord({"state": "ok", "reason": "", "person-id": "p002",
+                                                      "base-sha256": ck.sha256}), "delta": blob_record(beyond)})
+        return Message(content if m.metadata.message_type == TRAIN else RecordDict(), reply_to=m)
+
+    ctx = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(),
+                  run_config={"base-checkpoint": url, "storage": str(tmp_path / "fl"), "node-wait": 1.0})
+    summary = run_federation(FakeGrid({1: client}), ctx)
+    assert summary["trust_region"] == radius
+    entry = summary["persons"]["p002"]
+    assert entry["status"] == "refused" and "beyond the trust region" in entry["reason"], entry
+    unbounded = make_store(settings, base)
+    assert handle_reply(reply(beyond, person="p002"), unbounded, base)["status"] == "stored"

@@ -187,6 +187,8 @@ def test_config_rejects_unknown_keys_and_bad_values():
         load_config("configs/synth_small.yaml", ["data.cross_video=1.5"])
     with pytest.raises(ConfigError, match="ttp.cross_video is a probability"):
         load_config("configs/synth_small.yaml", ["ttp.cross_video=-0.1"])
+    with pytest.raises(ConfigError, match="ttp.drift_steps must be >= 0"):
+        load_config("configs/synth_small.yaml", ["ttp.drift_steps=-1"])
 
 
 def test_perceptual_vgg16_without_weights_file_is_an_explicit_error():
