@@ -334,7 +334,8 @@ class FakeGrid:
 
 
 def test_round_survives_failures_and_dropouts_and_reports_verdicts(ck, ck_url, tmp_path):
-    good = encode(ck, honest_delta(ck), person="good")
+    radius = ck.config.ttp.drift_radius  # what the server holds deltas to (synth_small's trust region)
+    good = encode(ck, {k: v.clamp(-radius, radius) for k, v in honest_delta(ck).items()}, person="good")
     bad = encode(ck, honest_delta(ck), person="bad", sha="1" * 64)
 
     def answer(data, person, state="ok"):
@@ -373,7 +374,7 @@ def test_round_survives_failures_and_dropouts_and_reports_verdicts(ck, ck_url, t
     on_disk = json.loads((store / "fl-runs" / "run-42.json").read_text())
     assert on_disk["status"] == "finished" and on_disk["stored"] == 1 and on_disk["wall_seconds"] > 0
     assert on_disk["checkpoint_bytes"] > persons["good"]["bytes"] > 0
-    assert on_disk["trust_region"] is None  # the fixture has none: no per-weight bound
+    assert on_disk["trust_region"] == radius
     verdicts = {m.metadata.dst_node_id: m.content["verdict"] for m in grid.sent if m.metadata.message_type != TRAIN}
     assert set(verdicts) == {1, 2, 3}
     assert verdicts[2]["status"] == "refused" and "made for base" in verdicts[2]["reason"]

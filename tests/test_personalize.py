@@ -104,12 +104,13 @@ def test_delta_extraction_and_application_reproduce_personalized_predictions(set
 
 def test_trust_region_bounds_every_weight_and_binds(setup):
     cfg, model, recon, crops, matrices, groups = setup
-    bounded = dataclasses.replace(cfg.ttp, drift_steps=2.0)
+    bounded, unbounded = dataclasses.replace(cfg.ttp, drift_steps=2.0), dataclasses.replace(cfg.ttp, drift_steps=0)
     base = model.state_dict()
+    radius = bounded.drift_radius
+    assert radius == 2.0 * bounded.lr and unbounded.drift_radius == float("inf")
     for scenario in ("offline", "online"):
-        free = personalize(model, recon, crops, matrices, groups, cfg.ttp, scenario, seed=0).state
+        free = personalize(model, recon, crops, matrices, groups, unbounded, scenario, seed=0).state
         kept = personalize(model, recon, crops, matrices, groups, bounded, scenario, seed=0).state
-        radius = bounded.drift_steps * bounded.lr
         names = [n for n, _ in adaptable_parameters(model, cfg.ttp.adapt)]
         for name in names:
             assert (kept[name] - base[name]).abs().max() <= radius * (1 + 1e-5), name
