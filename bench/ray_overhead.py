@@ -1,5 +1,7 @@
 """Ray Train overhead: images/s of the plain PyTorch loop vs the same loop in one Ray Train worker, in one run.
 
+On a CUDA machine `--gpus 1` runs both on the GPU (the plain loop on cuda:0, the worker with one GPU over NCCL).
+
 Both sides run the very same step (training/loop.py `train_step`) on the same batches
 (training/data.py `batch_stream`, rank 0 of 1) with the same thread count (synth_small:
 train.threads=1). Plain blocks and Ray runs alternate (plain, Ray, plain, Ray, plain) so load
@@ -8,7 +10,7 @@ the median of each report window, the warm-up window dropped), in wall time and 
 time (robust to other users' load). Reports (checkpoint + validation + barrier) are amortised
 over the config's report_every; start-up is reported in seconds, apart.
 
-Run:  .venv/bin/python -m bench.ray_overhead [--steps 30 --rounds 2] [--data URL] [--json OUT]
+Run:  .venv/bin/python -m bench.ray_overhead [--steps 30 --rounds 2] [--data URL] [--gpus 1] [--json OUT]
 """
 from __future__ import annotations
 
@@ -35,16 +37,18 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/synth_small.yaml"
 
 
-def plain_step_times(cfg, steps: int, warmup: int) -> tuple[list[float], list[float]]:
+def plain_step_times(cfg, steps: int, warmup: int, device: str = "cpu") -> tuple[list[float], list[float]]:
     """The loop as a local run does it (no Ray, no DDP, this process): (wall, process CPU) seconds per step."""
     seed_everything(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    model = to_training_layout(build_model(cfg.model))
+    model = to_training_layout(build_model(cfg.model)).to(device)
     recon = build_recon_loss(model, cfg)
+    if recon is not None:
+        recon.to(device)
     optimizer = make_optimizer(model, cfg)
     frames, _ = load_worker_frames(cfg.data.url, cfg.data.train_split, 0, 1)
-    batches = batch_stream(frames, cfg, rank=0, start_step=0)
+    batches = batch_stream(frames, cfg, rank=0, start_step=0, pin_memory=device != "cpu")
     model.train()
     wall, cpu = [], []
     for step in range(warmup + steps):
@@ -55,13 +59,13 @@ def plain_step_times(cfg, steps: int, warmup: int) -> tuple[list[float], list[fl
     return wall[warmup:], cpu[warmup:]
 
 
-def ray_run(config: str, overrides: list[str], storage: str, name: str, steps: int, window: int):
+def ray_run(config: str, overrides: list[str], storage: str, name: str, steps: int, window: int, gpus: int = 0):
     """One Ray Train worker for `steps` steps, a report every `window`; returns (report rows, fit wall seconds)."""
     from training import joint
 
     args = SimpleNamespace(config=config, overrides=overrides + [f"train.max_steps={steps}",
                                                                  f"train.report_every={window}"],
-                           workers=1, gpus=0, storage=storage, name=name, resume=False, max_failures=0)
+                           workers=1, gpus=gpus, storage=storage, name=name, resume=False, max_failures=0)
     plan = joint.plan_run(args)
     t0 = time.perf_counter()
     joint.run_trainer(plan)
@@ -70,7 +74,7 @@ def ray_run(config: str, overrides: list[str], storage: str, name: str, steps: i
     return rows, wall
 
 
-def run(steps: int = 30, warmup: int = 3, rounds: int = 2, data: str | None = None) -> dict:
+def run(steps: int = 30, warmup: int = 3, rounds: int = 2, data: str | None = None, gpus: int = 0) -> dict:
     """Plain and Ray alternate (plain, Ray, plain, Ray, ..., plain) so that load drift hits both sides."""
     tmp = Path(tempfile.mkdtemp(prefix="raytrain-bench-", dir="/tmp"))
     os.environ.setdefault("RAY_TMPDIR", str(tmp / "ray"))  # a private local Ray, never someone else's cluster
@@ -88,11 +92,11 @@ def run(steps: int = 30, warmup: int = 3, rounds: int = 2, data: str | None = No
     window = max(1, steps // 2)
     plain_wall, plain_cpu, ray_rows, walls = [], [], [], []
     for r in range(rounds + 1):
-        w, c = plain_step_times(base, steps, warmup)
+        w, c = plain_step_times(base, steps, warmup, "cuda:0" if gpus else "cpu")
         plain_wall += w
         plain_cpu += c
         if r < rounds:
-            rows, wall = ray_run(CONFIG, overrides, str(tmp / "runs"), f"bench{r}", window * 3, window)
+            rows, wall = ray_run(CONFIG, overrides, str(tmp / "runs"), f"bench{r}", window * 3, window, gpus)
             ray_rows += rows[1:]  # the first window holds the warm-up steps
             walls.append((wall, rows))
 
@@ -106,7 +110,7 @@ def run(steps: int = 30, warmup: int = 3, rounds: int = 2, data: str | None = No
     startup = statistics.median(w - sum(r["step_s_median"] * window for r in rows) - len(rows) * report_s
                                 for w, rows in walls)
     out = {
-        "machine": machine(), "config": CONFIG, "batch_size": bs, "threads": base.train.threads,
+        "machine": machine(), "config": CONFIG, "device": "cuda" if gpus else "cpu", "batch_size": bs, "threads": base.train.threads,
         "image_size": base.model.image_size, "rounds": rounds, "plain_steps": len(plain_wall),
         "ray_windows": len(ray_rows), "window_steps": window,
         "plain_img_per_s": bs / plain_step,
@@ -130,7 +134,7 @@ def table(r: dict) -> str:
         "| loop | images/s, wall (median step) | overhead | images per CPU-second | overhead |",
         "| --- | --- | --- | --- | --- |",
         f"| plain PyTorch | {r['plain_img_per_s']:.1f} | - | {r['plain_img_per_cpu_s']:.1f} | - |",
-        f"| Ray Train, 1 worker, between reports | {r['ray_img_per_s']:.1f} | {r['overhead_wall_pct']:+.1f}% | "
+        f"| Ray Train, 1 worker ({r['device']}), between reports | {r['ray_img_per_s']:.1f} | {r['overhead_wall_pct']:+.1f}% | "
         f"{r['ray_img_per_cpu_s']:.1f} | {r['overhead_cpu_pct']:+.1f}% |",
         f"| Ray Train, 1 worker, + a report every {r['report_every']} steps ({r['report_s_median']:.2f} s each) | "
         f"{r['ray_img_per_s_with_reports']:.1f} | {r['overhead_wall_with_reports_pct']:+.1f}% | | |",
@@ -147,9 +151,10 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2, help="Ray runs, alternated with rounds+1 plain blocks")
     p.add_argument("--data", default=None, help="dataset URL (default: a fresh `posettp synth` of 10 persons)")
+    p.add_argument("--gpus", type=int, choices=(0, 1), default=0, help="1: both loops on the GPU")
     p.add_argument("--json", dest="json_out", default=None)
     a = p.parse_args()
-    result = run(a.steps, a.warmup, a.rounds, a.data)
+    result = run(a.steps, a.warmup, a.rounds, a.data, a.gpus)
     print(table(result))
     print(json.dumps(result, indent=2))
     if a.json_out:

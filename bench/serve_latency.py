@@ -7,7 +7,8 @@ cold: first request of a person whose delta is not cached (>= 200 persons cyclin
 throughput: N concurrent keep-alive clients on 3 warm persons;
 memory: PoseModel replica RSS after the first persons, after 16, and after cycling through all persons.
 
-Run: .venv/bin/python -m bench.serve_latency [--persons 200 --lru 16 --image-size 64 --auth]
+Run: .venv/bin/python -m bench.serve_latency [--persons 200 --lru 16 --image-size 64 --auth] [--num-gpus 1]
+(--num-gpus > 0: the PoseModel replica holds that share of a GPU and runs the model on CUDA)
 """
 import argparse
 import http.client
@@ -90,7 +91,8 @@ def run(args) -> dict:
     size = args.image_size or base.config.model.image_size
     body = make_image(1, args.request_size, args.request_size)  # the frame sent (cropped to the model's size)
 
-    # pure model forward (no HTTP, no Ray) for reference
+    # pure model forward (no HTTP, no Ray) for reference, on the replica's device
+    base.model.to("cuda" if args.num_gpus > 0 else "cpu")
     crop = torch.rand(1, 3, size, size)
     mat = np.tile(np.array([[1.0, 0, 0], [0, 1.0, 0]]), (1, 1, 1))
     for _ in range(5):
@@ -103,9 +105,9 @@ def run(args) -> dict:
 
     config = write_serve_config(str(root / "serve.yaml"), replicas=1, num_cpus=1, lru_size=args.lru, ttl_s=2.0,
                                 batch_size=8, batch_wait_ms=args.batch_wait_ms, auth=bool(args.auth),
-                                colocate=args.colocate)
+                                colocate=args.colocate, num_gpus=args.num_gpus)
     proc = ServeProcess(ck, store, config, str(root / "serve.log"))
-    out = {"machine": machine(), "image_size": size, "persons": args.persons, "lru": args.lru, "replicas": 1,
+    out = {"machine": machine(), "num_gpus": args.num_gpus, "image_size": size, "persons": args.persons, "lru": args.lru, "replicas": 1,
            "auth": bool(args.auth), "colocate": args.colocate, "batch_wait_ms": args.batch_wait_ms,
            "request_size": args.request_size, "delta_setup_s": round(setup_s, 1),
            "forward_ms_p50_in_process": round(statistics.median(fw), 2)}
@@ -114,7 +116,8 @@ def run(args) -> dict:
         proc.wait_ready()
         out["startup_s"] = round(time.time() - t0, 1)
         c = Client(proc.port, tokens)
-        out["rss_mb_start"] = round(c.get("/healthz")["rss_bytes"] / 2**20, 1)
+        h = c.get("/healthz")
+        out.update(rss_mb_start=round(h["rss_bytes"] / 2**20, 1), replica_device=h["device"])
 
         # warm
         warm_pid = persons[0]
@@ -208,7 +211,7 @@ def markdown(r: dict) -> str:
             ("replica RSS MB: start / after LRU / after all persons",
              f"{r['rss_mb_start']} / {r['rss_mb_after_lru_persons']} / {r['rss_mb_after_all_persons']}"),
             ("cached persons after all / MB per person", f"{r['cached_persons_after_all']} / {r['person_mb']}")]
-    head = (f"| model {r['image_size']}px, {r['request_size']}px frames, {r['persons']} persons, LRU {r['lru']}"
+    head = (f"| model {r['image_size']}px{' on a GPU' if r['num_gpus'] else ''}, {r['request_size']}px frames, {r['persons']} persons, LRU {r['lru']}"
             f"{', colocated' if r['colocate'] else ''} | |")
     return "\n".join([head,
                       "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows])
@@ -228,6 +231,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, default=0.0)
     p.add_argument("--auth", action="store_true")
     p.add_argument("--colocate", action="store_true", help="one deployment (ingress holds the models)")
+    p.add_argument("--num-gpus", type=float, default=0.0, help="GPU share of the PoseModel replica")
     p.add_argument("--keep", action="store_true")
     return p
 

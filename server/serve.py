@@ -484,6 +484,7 @@ class PoseModel:
         threads = s.torch_threads or max(1, math.ceil(s.num_cpus))
         torch.set_num_threads(threads)
         device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.device = device
         self.models = PersonModels(s.checkpoint, s.store, device, s.ttl_s, s.max_delta_bytes, s.delta_norm_bound)
         self.lru_size = s.lru_size
         # one loader thread for store reads and delta application (Serve loads one model at a time
@@ -540,7 +541,7 @@ class PoseModel:
                 "replica": {**self.models.stats(), "lru_size": self.lru_size}}
 
     async def health(self) -> dict:
-        return {"base_sha256": self.models.sha256, "image_size": self.models.image_size,
+        return {"base_sha256": self.models.sha256, "image_size": self.models.image_size, "device": self.device,
                 "num_joints": len(self.models.names), **self.models.stats(), "lru_size": self.lru_size}
 
 

@@ -478,11 +478,35 @@ def score_key(cfg: Config) -> str:
     return "val_macc" if cfg.data.dataset == "bbc" else "val_pck@0.2"
 
 
+@dataclass(frozen=True)
+class WorkerLayout:
+    workers: int
+    use_gpu: bool
+    per_worker: dict
+    backend: str  # torch.distributed backend of the DDP process group
+
+
+def worker_layout(workers: int | None, gpus: int | None, cluster_cpus: int, cluster_gpus: int,
+                  threads: int) -> WorkerLayout:
+    """How many Ray Train workers, on what, talking over which backend; refuses what the cluster cannot hold.
+
+    Ray would otherwise wait forever for GPUs the cluster lacks. NCCL needs a GPU of its own per rank (two ranks
+    on one device fail with "Duplicate GPU detected"), so workers sharing GPUs talk over gloo instead.
+    """
+    gpus = cluster_gpus if gpus is None else gpus
+    if gpus > cluster_gpus:
+        raise TrainInputError(f"--gpus {gpus}, but the Ray cluster has {cluster_gpus} GPU(s)")
+    if gpus == 0:
+        return WorkerLayout(workers or max(1, min(2, cluster_cpus)), False, {"CPU": max(1, threads)}, "gloo")
+    workers = workers or gpus
+    return WorkerLayout(workers, True, {"CPU": 1, "GPU": gpus / workers}, "nccl" if workers <= gpus else "gloo")
+
+
 def run_trainer(plan: Plan, worker_fn=None):
     """Launch the TorchTrainer for a validated plan; returns ray.train.Result."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     if worker_fn is None:  # by module reference, also when this file runs as __main__
         from training import joint
@@ -491,14 +515,9 @@ def run_trainer(plan: Plan, worker_fn=None):
 
     init_ray()
     resources = ray.cluster_resources()
-    cluster_gpus = int(resources.get("GPU", 0))
-    use_gpu = cluster_gpus > 0 if plan.gpus is None else plan.gpus > 0
-    if use_gpu:
-        workers = plan.workers or plan.gpus or cluster_gpus
-        per_worker = {"CPU": 1, "GPU": (plan.gpus / workers) if plan.gpus else 1}
-    else:
-        workers = plan.workers or max(1, min(2, int(resources.get("CPU", 1))))
-        per_worker = {"CPU": max(1, plan.cfg.train.threads)}
+    layout = worker_layout(plan.workers, plan.gpus, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)),
+                           plan.cfg.train.threads)
+    workers, use_gpu, per_worker = layout.workers, layout.use_gpu, layout.per_worker
     storage_path, storage_fs = ray_storage(plan.storage)
     has_score = plan.has_val
     loop_config = {"cfg": plan.cfg.to_dict(), "run": plan.run, "run_url": plan.run_url, "data_url": plan.data_url,
@@ -511,9 +530,10 @@ def run_trainer(plan: Plan, worker_fn=None):
         failure_config=FailureConfig(max_failures=plan.max_failures),
         worker_runtime_env={"env_vars": plan.env} if plan.env else None)
     print(f"[joint] run {plan.run}: {workers} worker(s), {'GPU' if use_gpu else 'CPU'} {per_worker}, "
+          f"{layout.backend}, "
           f"storage {plan.run_url}, {plan.cfg.train.max_steps} steps of batch {plan.cfg.train.batch_size} per worker"
           + (f", resuming at step {plan.resume_step}" if plan.resume_from else ""), flush=True)
-    trainer = TorchTrainer(worker_fn, train_loop_config=loop_config,
+    trainer = TorchTrainer(worker_fn, train_loop_config=loop_config, torch_config=TorchConfig(backend=layout.backend),
                            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                         resources_per_worker=per_worker),
                            run_config=run_config)

@@ -235,6 +235,21 @@ def test_posettp_train_reports_one_line_and_script_exits_nonzero(tmp_path):
         assert "unknown config key: model.nope" in res.stderr
 
 
+def test_worker_layout_fits_the_cluster_and_never_shares_a_gpu_over_nccl():
+    from training.joint import TrainInputError, worker_layout
+
+    cpu = worker_layout(None, None, cluster_cpus=2, cluster_gpus=0, threads=1)
+    assert (cpu.workers, cpu.use_gpu, cpu.per_worker, cpu.backend) == (2, False, {"CPU": 1}, "gloo")
+    assert not worker_layout(None, 0, cluster_cpus=16, cluster_gpus=1, threads=1).use_gpu  # --gpus 0: CPU
+    each = worker_layout(None, None, cluster_cpus=16, cluster_gpus=4, threads=1)
+    assert (each.workers, each.per_worker, each.backend) == (4, {"CPU": 1, "GPU": 1.0}, "nccl")
+    shared = worker_layout(2, 1, cluster_cpus=16, cluster_gpus=1, threads=1)  # two ranks on one device
+    assert (shared.workers, shared.per_worker, shared.backend) == (2, {"CPU": 1, "GPU": 0.5}, "gloo")
+    for gpus, cluster in ((2, 1), (1, 0)):  # Ray would wait for GPUs that are not there
+        with pytest.raises(TrainInputError, match=f"--gpus {gpus}, but the Ray cluster has {cluster} GPU"):
+            worker_layout(None, gpus, cluster_cpus=16, cluster_gpus=cluster, threads=1)
+
+
 # ------------------------------------------------------------------------------------------------
 # fast: the state that makes a resume exact
 # ------------------------------------------------------------------------------------------------
