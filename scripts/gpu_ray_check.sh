@@ -3,7 +3,7 @@
 #   1. `ray start` (GPU detected) + `ray job submit -- python training/joint.py --gpus 1`: one worker, DDP over NCCL;
 #   2. the same job with --workers 2 --gpus 1: two ranks sharing the GPU, over gloo (NCCL refuses a shared device,
 #      which step 3 shows);
-#   3. two processes forming an NCCL group on one device;
+#   3. two processes forming an NCCL group on one device (scripts/nccl_shared_gpu_probe.py);
 #   4. bench.ray_overhead --gpus 1: the plain loop on cuda:0 vs the same loop in one Ray Train GPU worker;
 #   5. bench.serve_latency with the PoseModel replica on the GPU (--num-gpus 1), then on a CPU core, same machine.
 # Ray, Serve and their dependencies travel as wheels (ray's Java jars and RLlib left out of its wheel to fit the
@@ -50,18 +50,7 @@ submit shared_gpu --gpus "$GPUS" --workers 2
 ray stop --force > /dev/null 2>&1
 
 if [ "$GPUS" -gt 0 ]; then
-  timeout 40 $PY - > "$OUT/nccl_shared_device.log" 2>&1 <<'EOF'
-import os, torch, torch.distributed as dist, torch.multiprocessing as mp
-def rank(r):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-    dist.init_process_group("nccl", rank=r, world_size=2, device_id=torch.device("cuda:0"))
-    x = torch.ones(4, device="cuda:0")
-    dist.all_reduce(x)
-    print(f"rank {r}: all_reduce over NCCL on a shared device gave {x.tolist()}", flush=True)
-    dist.destroy_process_group()
-if __name__ == "__main__":
-    mp.spawn(rank, nprocs=2)
-EOF
+  timeout 40 $PY scripts/nccl_shared_gpu_probe.py > "$OUT/nccl_shared_device.log" 2>&1
   echo "nccl on a shared device: rc $?"; grep -E "Duplicate|rank [01]:|Error" "$OUT/nccl_shared_device.log" | head -4
   step "nccl probe"
 fi
