@@ -110,7 +110,8 @@ def run(steps: int = 30, warmup: int = 3, rounds: int = 2, data: str | None = No
     startup = statistics.median(w - sum(r["step_s_median"] * window for r in rows) - len(rows) * report_s
                                 for w, rows in walls)
     out = {
-        "machine": machine(), "config": CONFIG, "device": "cuda" if gpus else "cpu", "batch_size": bs, "threads": base.train.threads,
+        "machine": machine(), "config": CONFIG, "device": "cuda" if gpus else "cpu", "batch_size": bs,
+        "threads": base.train.threads,
         "image_size": base.model.image_size, "rounds": rounds, "plain_steps": len(plain_wall),
         "ray_windows": len(ray_rows), "window_steps": window,
         "plain_img_per_s": bs / plain_step,
@@ -134,7 +135,8 @@ def table(r: dict) -> str:
         "| loop | images/s, wall (median step) | overhead | images per CPU-second | overhead |",
         "| --- | --- | --- | --- | --- |",
         f"| plain PyTorch | {r['plain_img_per_s']:.1f} | - | {r['plain_img_per_cpu_s']:.1f} | - |",
-        f"| Ray Train, 1 worker ({r['device']}), between reports | {r['ray_img_per_s']:.1f} | {r['overhead_wall_pct']:+.1f}% | "
+        f"| Ray Train, 1 worker ({r['device']}), between reports | {r['ray_img_per_s']:.1f} | "
+        f"{r['overhead_wall_pct']:+.1f}% | "
         f"{r['ray_img_per_cpu_s']:.1f} | {r['overhead_cpu_pct']:+.1f}% |",
         f"| Ray Train, 1 worker, + a report every {r['report_every']} steps ({r['report_s_median']:.2f} s each) | "
         f"{r['ray_img_per_s_with_reports']:.1f} | {r['overhead_wall_with_reports_pct']:+.1f}% | | |",

@@ -107,9 +107,9 @@ def run(args) -> dict:
                                 batch_size=8, batch_wait_ms=args.batch_wait_ms, auth=bool(args.auth),
                                 colocate=args.colocate, num_gpus=args.num_gpus)
     proc = ServeProcess(ck, store, config, str(root / "serve.log"))
-    out = {"machine": machine(), "num_gpus": args.num_gpus, "image_size": size, "persons": args.persons, "lru": args.lru, "replicas": 1,
-           "auth": bool(args.auth), "colocate": args.colocate, "batch_wait_ms": args.batch_wait_ms,
-           "request_size": args.request_size, "delta_setup_s": round(setup_s, 1),
+    out = {"machine": machine(), "num_gpus": args.num_gpus, "image_size": size, "persons": args.persons,
+           "lru": args.lru, "replicas": 1, "auth": bool(args.auth), "colocate": args.colocate,
+           "batch_wait_ms": args.batch_wait_ms, "request_size": args.request_size, "delta_setup_s": round(setup_s, 1),
            "forward_ms_p50_in_process": round(statistics.median(fw), 2)}
     try:
         t0 = time.time()
@@ -211,7 +211,8 @@ def markdown(r: dict) -> str:
             ("replica RSS MB: start / after LRU / after all persons",
              f"{r['rss_mb_start']} / {r['rss_mb_after_lru_persons']} / {r['rss_mb_after_all_persons']}"),
             ("cached persons after all / MB per person", f"{r['cached_persons_after_all']} / {r['person_mb']}")]
-    head = (f"| model {r['image_size']}px{' on a GPU' if r['num_gpus'] else ''}, {r['request_size']}px frames, {r['persons']} persons, LRU {r['lru']}"
+    head = (f"| model {r['image_size']}px{' on a GPU' if r['num_gpus'] else ''}, {r['request_size']}px frames, "
+            f"{r['persons']} persons, LRU {r['lru']}"
             f"{', colocated' if r['colocate'] else ''} | |")
     return "\n".join([head,
                       "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows])

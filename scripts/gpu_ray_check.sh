@@ -41,7 +41,8 @@ submit() {  # name, extra joint.py args...
   local steps=${STEPS:-400}
   timeout 120 ray job submit --address http://127.0.0.1:8265 --working-dir . -- "$PY" training/joint.py \
     --config configs/synth_small.yaml --set data.url=$DATA --set train.max_steps=$steps \
-    --set train.report_every=$(( steps / 4 )) --storage /tmp/gpu_ray_runs --name "$name" "$@" > "$OUT/job_$name.log" 2>&1
+    --set train.report_every=$(( steps / 4 )) --storage /tmp/gpu_ray_runs --name "$name" "$@" \
+    > "$OUT/job_$name.log" 2>&1
   echo "job $name rc $?"; grep -E "\[joint\]|step [0-9]+/|val_pck|Error|error" "$OUT/job_$name.log" | tail -12
   step "job $name"
 }
@@ -56,7 +57,8 @@ if [ "$GPUS" -gt 0 ]; then
 fi
 
 timeout 150 $PY -m bench.ray_overhead --gpus "$GPUS" --steps "${BENCH_STEPS:-40}" --rounds 2 --data $DATA \
-  --json "$OUT/ray_overhead.json" > "$OUT/ray_overhead.log" 2>&1; echo "ray_overhead rc $?"; head -8 "$OUT/ray_overhead.log"
+  --json "$OUT/ray_overhead.json" > "$OUT/ray_overhead.log" 2>&1
+echo "ray_overhead rc $?"; head -8 "$OUT/ray_overhead.log"
 step "ray overhead"
 
 for g in "$GPUS" 0; do

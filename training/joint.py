@@ -490,8 +490,8 @@ def worker_layout(workers: int | None, gpus: int | None, cluster_cpus: int, clus
                   threads: int) -> WorkerLayout:
     """How many Ray Train workers, on what, talking over which backend; refuses what the cluster cannot hold.
 
-    Ray would otherwise wait forever for GPUs the cluster lacks. NCCL needs a GPU of its own per rank (two ranks
-    on one device fail with "Duplicate GPU detected"), so workers sharing GPUs talk over gloo instead.
+    Ray would otherwise wait for GPUs the cluster lacks (forever on a fixed cluster). NCCL needs a GPU of its own
+    per rank (two ranks on one device fail with "Duplicate GPU detected"), so workers sharing GPUs talk over gloo.
     """
     gpus = cluster_gpus if gpus is None else gpus
     if gpus > cluster_gpus:
@@ -533,7 +533,8 @@ def run_trainer(plan: Plan, worker_fn=None):
           f"{layout.backend}, "
           f"storage {plan.run_url}, {plan.cfg.train.max_steps} steps of batch {plan.cfg.train.batch_size} per worker"
           + (f", resuming at step {plan.resume_step}" if plan.resume_from else ""), flush=True)
-    trainer = TorchTrainer(worker_fn, train_loop_config=loop_config, torch_config=TorchConfig(backend=layout.backend),
+    trainer = TorchTrainer(worker_fn, train_loop_config=loop_config,
+                           torch_config=TorchConfig(backend=layout.backend),
                            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                         resources_per_worker=per_worker),
                            run_config=run_config)
