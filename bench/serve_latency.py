@@ -8,6 +8,7 @@ throughput: N concurrent keep-alive clients on 3 warm persons;
 memory: PoseModel replica RSS after the first persons, after 16, and after cycling through all persons.
 
 Run: .venv/bin/python -m bench.serve_latency [--persons 200 --lru 16 --image-size 64 --auth] [--num-gpus 1]
+     [--config configs/synth_paper.yaml]
 (--num-gpus > 0: the PoseModel replica holds that share of a GPU and runs the model on CUDA)
 """
 import argparse
@@ -78,7 +79,7 @@ def run(args) -> dict:
     torch.set_num_threads(1)
     root = Path(tempfile.mkdtemp(prefix="pst-bench-"))
     ck, store = str(root / "ck"), str(root / "store")
-    make_checkpoint(ck, image_size=args.image_size)
+    make_checkpoint(ck, image_size=args.image_size, config=args.config)
     base = load_checkpoint(ck)
     info = BaseModelInfo.from_model(base.model, base.sha256)
     st = DeltaStore(store)
@@ -107,8 +108,8 @@ def run(args) -> dict:
                                 batch_size=8, batch_wait_ms=args.batch_wait_ms, auth=bool(args.auth),
                                 colocate=args.colocate, num_gpus=args.num_gpus)
     proc = ServeProcess(ck, store, config, str(root / "serve.log"))
-    out = {"machine": machine(), "num_gpus": args.num_gpus, "image_size": size, "persons": args.persons,
-           "lru": args.lru, "replicas": 1, "auth": bool(args.auth), "colocate": args.colocate,
+    out = {"machine": machine(), "config": args.config, "num_gpus": args.num_gpus, "image_size": size,
+           "persons": args.persons, "lru": args.lru, "replicas": 1, "auth": bool(args.auth), "colocate": args.colocate,
            "batch_wait_ms": args.batch_wait_ms, "request_size": args.request_size, "delta_setup_s": round(setup_s, 1),
            "forward_ms_p50_in_process": round(statistics.median(fw), 2)}
     try:
@@ -211,7 +212,8 @@ def markdown(r: dict) -> str:
             ("replica RSS MB: start / after LRU / after all persons",
              f"{r['rss_mb_start']} / {r['rss_mb_after_lru_persons']} / {r['rss_mb_after_all_persons']}"),
             ("cached persons after all / MB per person", f"{r['cached_persons_after_all']} / {r['person_mb']}")]
-    head = (f"| model {r['image_size']}px{' on a GPU' if r['num_gpus'] else ''}, {r['request_size']}px frames, "
+    where = " on a GPU" if r["num_gpus"] else ""
+    head = (f"| {Path(r['config']).stem} {r['image_size']}px{where}, {r['request_size']}px frames, "
             f"{r['persons']} persons, LRU {r['lru']}"
             f"{', colocated' if r['colocate'] else ''} | |")
     return "\n".join([head,
@@ -220,6 +222,7 @@ def markdown(r: dict) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/synth_small.yaml", help="the served model's config (untrained)")
     p.add_argument("--persons", type=int, default=200)
     p.add_argument("--lru", type=int, default=16)
     p.add_argument("--image-size", type=int, default=None, help="model input size (synth_small native: 64)")

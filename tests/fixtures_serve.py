@@ -32,10 +32,12 @@ from server.registry import BaseModelInfo, DeltaStore
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_checkpoint(url: str, image_size: int | None = None, seed: int = 0) -> str:
-    """A synth_small checkpoint with fitted BatchNorm statistics and a self-head that gives distinct peaks."""
+def make_checkpoint(url: str, image_size: int | None = None, seed: int = 0,
+                    config: str = "configs/synth_small.yaml") -> str:
+    """A checkpoint (synth_small unless `config` says otherwise) with fitted BatchNorm statistics and a
+    self-head that gives distinct peaks."""
     overrides = [f"model.image_size={image_size}"] if image_size else []
-    cfg = load_config(str(REPO / "configs/synth_small.yaml"), overrides)
+    cfg = load_config(str(REPO / config), overrides)
     torch.manual_seed(seed)
     model = build_model(cfg.model)
     torch.nn.init.normal_(model.self_head.weight, std=0.05)
