@@ -148,7 +148,14 @@ class Experiment:
         return _cached(path, compute)
 
     def evaluation_path(self, variant: str, seed: int, scenario: str, tag: str = "", ttp_overrides=()) -> Path:
-        key = "" if scenario == "none" else self.ttp(ttp_overrides)[1]
+        """A tag names an evaluation under TTP overrides; overrides that change nothing name the run's own one
+        (Table 2's one-update guarded cell is Table 1's online evaluation when the config runs one update with
+        the guard), so it is computed once."""
+        key = ""
+        if scenario != "none":
+            ttp, key = self.ttp(ttp_overrides)
+            if ttp == self.ttp()[0]:
+                tag = ""
         return self.out / "evals" / f"{variant}-s{seed}-{scenario}{tag}{self.decode_tag}{key}.json"
 
 
@@ -391,7 +398,10 @@ def _evaluate(run: tuple) -> None:
 def compute_in_parallel(exp: Experiment, runs: list[tuple], jobs: int) -> None:
     """Train the models and run the evaluations that are not cached yet in `jobs` processes; each evaluation
     starts as soon as its model exists. Costliest models first (the keypoint variants render images)."""
-    todo = [r for r in dict.fromkeys(runs) if not exp.evaluation_path(*r).is_file()]
+    by_path: dict[Path, tuple] = {}
+    for r in runs:  # one run per cache file: runs whose overrides change nothing share the run's own
+        by_path.setdefault(exp.evaluation_path(*r), r)
+    todo = [r for path, r in by_path.items() if not path.is_file()]
     models = sorted({r[:2] for r in todo}, key=lambda m: (m[0] not in ("transformer", "shared_keypoint"), m))
     untrained = [m for m in models if not (exp.model_path(*m) / "model.safetensors").is_file()]
     if not todo:
