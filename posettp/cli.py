@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="frame size in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shift", type=float, default=None, help="appearance shift of test persons (0..1)")
+    p.add_argument("--shift-components", default="clothing,body,background",
+                   help="which parts of the look --shift moves (comma-separated; the others stay as in training)")
     p.add_argument("--split", default="all", choices=["all", "train", "val", "test"])
     p.add_argument("--videos", type=int, default=None, help="videos per person")
     p.add_argument("--extra-frames", type=int, default=None, help="unlabeled extra frames per test person")

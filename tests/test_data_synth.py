@@ -84,6 +84,19 @@ def test_shift_changes_appearance_only():
     assert np.abs(a[0].image.astype(int) - b[0].image.astype(int)).mean() > 20
 
 
+def test_shift_components_choose_what_shifts():
+    assert Shift.profile_of("clothing, background") == Shift(clothing=1.0, body=0.0, background=1.0)
+    for bad in ("hat", ""):
+        with pytest.raises(ValueError, match="shift components"):
+            Shift.profile_of(bad)
+    plain = SynthConfig(size=64, frames=6, videos=1, extra_frames=0, shift=Shift())
+    scene_only = SynthConfig(size=64, frames=6, videos=1, extra_frames=0,
+                             shift=Shift.from_strength(1.0, Shift.profile_of("background")))
+    a, b = list(person_frames(plain, "test", 2)), list(person_frames(scene_only, "test", 2))
+    assert all(np.array_equal(x.keypoints, y.keypoints) for x, y in zip(a, b))  # the body is not shifted
+    assert np.abs(a[0].image.astype(int) - b[0].image.astype(int)).mean() > 20
+
+
 def test_split_plan_rule():
     plan = split_plan(100)
     counts = {s: sum(1 for p in plan if p[0] == s) for s in ("train", "val", "test")}
@@ -105,12 +118,13 @@ def test_render_speed_sanity():
 
 def test_cli_writes_shards_manifest_and_contact_sheet(tmp_path):
     out = str(tmp_path / "synth")
-    args = argparse.Namespace(out=out, persons=4, frames=6, size=64, seed=1, shift=None, split="all", videos=2,
-                              extra_frames=8)
+    args = argparse.Namespace(out=out, persons=4, frames=6, size=64, seed=1, shift=None,
+                              shift_components="clothing,body,background", split="all", videos=2, extra_frames=8)
     assert main(args) == 0
     m = read_manifest(out)
     assert m["dataset"] == "synth" and m["joints"] == list(PENN_JOINTS) and m["generator"]["shift"] == DEFAULT_STRENGTH
     assert m["generator"]["calibration"]["pck@0.2_without_ttp"]
+    assert m["generator"]["shift_profile"] == {"clothing": 1.0, "body": 1.0, "background": 1.0}
     assert {s: c["persons"] for s, c in m["splits"].items()} == {"train": 2, "val": 1, "test": 1}
     assert m["splits"]["test"] == {"persons": 1, "frames": 20, "labeled_frames": 12}
     assert read_table(out).schema.equals(SCHEMA)

@@ -35,7 +35,7 @@ from model.transforms import PENN_FLIP_PAIRS, PENN_JOINTS
 
 from ..shards import encode_jpeg, write_shards
 from .body import MOTIONS, NOMINAL, motion
-from .look import SHIFT_PROFILE, Shift, make_look, make_scene
+from .look import Shift, make_look, make_scene
 from .render import SUPER, Person, make_tiles, make_view, render_video
 
 DEFAULT_STRENGTH = 0.3  # chosen by the measurement in CALIBRATION
@@ -203,10 +203,11 @@ def _rows(cfg: SynthConfig, plan: list[tuple[str, int]], sheet: ContactSheet) ->
 def main(args) -> int:
     """`posettp synth`: write shards + manifest.json + contact_sheet.png under --out."""
     strength = DEFAULT_STRENGTH if args.shift is None else args.shift
+    profile = Shift.profile_of(args.shift_components)
     cfg = SynthConfig(size=args.size, frames=args.frames,
                       videos=DEFAULT_VIDEOS if args.videos is None else args.videos,
                       extra_frames=DEFAULT_EXTRA_FRAMES if args.extra_frames is None else args.extra_frames,
-                      shift=Shift.from_strength(strength), seed=args.seed)
+                      shift=Shift.from_strength(strength, profile), seed=args.seed)
     if cfg.size < 32 or cfg.frames < 2 or cfg.videos < 1 or cfg.extra_frames < 0:
         raise ValueError("need --size >= 32, --frames >= 2, --videos >= 1 and --extra-frames >= 0")
     plan = split_plan(args.persons, args.split)
@@ -215,7 +216,7 @@ def main(args) -> int:
         "dataset": "synth", "joints": list(PENN_JOINTS), "flip_pairs": [list(p) for p in PENN_FLIP_PAIRS],
         "generator": {"seed": cfg.seed, "size": cfg.size, "frames_per_video": cfg.frames, "videos": cfg.videos,
                       "extra_frames": cfg.extra_frames, "shift": strength, "shift_components": cfg.shift.as_dict(),
-                      "shift_profile": SHIFT_PROFILE.as_dict(), "persons": args.persons, "split": args.split,
+                      "shift_profile": profile.as_dict(), "persons": args.persons, "split": args.split,
                       "split_rule": "all: val=round(.1N), test=round(.3N) (>=1 each for N>=3), train=rest",
                       "calibration": CALIBRATION},
     }

@@ -66,6 +66,16 @@ class Shift:
         p = profile or SHIFT_PROFILE
         return cls(p.clothing * strength, p.body * strength, p.background * strength)
 
+    @classmethod
+    def profile_of(cls, components: str) -> "Shift":
+        """`clothing,background` -> Shift(clothing=1, body=0, background=1): the profile of
+        `posettp synth --shift-components`."""
+        names = {c.strip() for c in components.split(",") if c.strip()}
+        unknown = names - set(cls.__dataclass_fields__)
+        if unknown or not names:
+            raise ValueError(f"shift components must come from {list(cls.__dataclass_fields__)}, got {components!r}")
+        return cls(**{c: float(c in names) for c in cls.__dataclass_fields__})
+
     def as_dict(self) -> dict:
         return asdict(self)
 
