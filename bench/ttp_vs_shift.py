@@ -33,7 +33,8 @@ ALL_COMPONENTS = "clothing,body,background"
 
 def suffix(components: str) -> str:
     """File-name suffix of a partial shift: `-clothing+body`; nothing when every component shifts."""
-    return "" if components == ALL_COMPONENTS else "-" + components.replace(",", "+")
+    shifted = [name for name, on in Shift.profile_of(components).as_dict().items() if on]
+    return "" if len(shifted) == len(Shift.__dataclass_fields__) else "-" + "+".join(shifted)
 
 
 def level_name(shift: float, components: str) -> str:

@@ -3,7 +3,7 @@ import argparse
 
 import numpy as np
 
-from bench.ttp_vs_shift import shifted_test_persons
+from bench.ttp_vs_shift import shifted_test_persons, suffix
 from data.synth import main as synth_main
 from model.config import load_config
 from training.evaluate import labeled_person_frames
@@ -27,3 +27,8 @@ def test_other_shift_renders_the_same_test_persons_with_other_pixels(tmp_path):
     assert np.mean([np.abs(a.keypoints[:, :2] - b.keypoints[:, :2]).mean() for a, b in pairs]) < 2.0
     assert np.mean([np.abs(a.image.astype(int) - b.image.astype(int)).mean() for a, b in pairs]) > 10
     assert shifted_test_persons(cfg, 1.0, tmp_path) == url  # written once, then reused
+
+
+def test_a_partial_shift_names_its_components_whatever_their_order():
+    assert suffix("clothing,body,background") == suffix("background, body,clothing") == ""
+    assert suffix("background,clothing") == "-clothing+background"
