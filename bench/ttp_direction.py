@@ -66,7 +66,7 @@ def person_rows(run: Path, run_cfg, seed: int, persons: int, ttp_seeds: int, fli
 
     def pck_with(delta, crops, matrices, frames) -> float:
         scorer.load_state_dict(apply_delta(base, delta))
-        return score(predict_crops(scorer, crops, matrices), frames, "synth")["pck@0.2"]
+        return score(predict_crops(scorer, crops, matrices), frames, cfg.data.dataset)["pck@0.2"]
 
     rows = []
     for pid, frames in tqdm(labeled_person_frames(run_cfg.data.url, run_cfg.data.test_split, persons).items(),
@@ -75,10 +75,9 @@ def person_rows(run: Path, run_cfg, seed: int, persons: int, ttp_seeds: int, fli
         deltas = [extract_delta(base, personalize(model, recon, crops, matrices, groups, cfg.ttp, "offline",
                                                   seed + TTP_SEED_STRIDE * k).state, keys)
                   for k in range(ttp_seeds)]
-        none = pck_with({}, crops, matrices, frames)
-        row = {"person_id": pid, "seed": seed, "none": none, "adapted": [bool(d) for d in deltas],
-               "ttp": [pck_with(d, crops, matrices, frames) if d else none for d in deltas],
-               "mean_delta": pck_with(mean_delta(deltas), crops, matrices, frames) if any(deltas) else none}
+        row = {"person_id": pid, "seed": seed, "none": pck_with({}, crops, matrices, frames),
+               "adapted": [bool(d) for d in deltas], "ttp": [pck_with(d, crops, matrices, frames) for d in deltas],
+               "mean_delta": pck_with(mean_delta(deltas), crops, matrices, frames)}
         if deltas[0]:
             row["flipped"] = [pck_with(sign_flipped(deltas[0], gen), crops, matrices, frames) for _ in range(flips)]
             row["delta_rms"] = float(torch.cat([v.flatten() for v in deltas[0].values()]).pow(2).mean().sqrt())
