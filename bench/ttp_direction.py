@@ -33,12 +33,12 @@ import torch
 from tqdm import tqdm
 
 from data.pairs import prepare_frames
-from model.checkpoint import load_checkpoint
 from model.config import from_dict
 from model.delta import apply_delta, deltable_keys, extract_delta
 from model.personalize import personalize
 from model.predict import predict_crops
-from training.evaluate import labeled_person_frames, model_with_loss, score
+from training.evaluate import score
+from training.reproduce import Experiment
 
 TTP_SEED_STRIDE = 1000  # TTP seed k of model seed s is s + 1000 k: k = 0 is reproduce's own
 
@@ -55,10 +55,10 @@ def mean_delta(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
 
 
 def person_rows(run: Path, run_cfg, seed: int, persons: int, ttp_seeds: int, flips: int) -> list[dict]:
-    ck = load_checkpoint(str(run / "models" / f"transformer-s{seed}"))
-    ck.config.model.decode = run_cfg.model.decode
-    model, recon = model_with_loss(ck)
-    cfg = dataclasses.replace(ck.config, ttp=run_cfg.ttp)
+    # worker=True: read the run's models and settings, write nothing into it
+    exp = Experiment(run_cfg, run, seeds=seed + 1, worker=True, device="cpu")
+    model, recon, cfg = exp.model("transformer", seed)
+    cfg = dataclasses.replace(cfg, ttp=exp.ttp()[0])
     base = {k: v.clone() for k, v in model.state_dict().items()}
     keys = deltable_keys(base, {n for n, _ in model.named_parameters()})
     scorer = type(model)(model.cfg).eval()
@@ -69,8 +69,7 @@ def person_rows(run: Path, run_cfg, seed: int, persons: int, ttp_seeds: int, fli
         return score(predict_crops(scorer, crops, matrices), frames, cfg.data.dataset)["pck@0.2"]
 
     rows = []
-    for pid, frames in tqdm(labeled_person_frames(run_cfg.data.url, run_cfg.data.test_split, persons).items(),
-                            desc=f"transformer s{seed}", mininterval=10):
+    for pid, frames in tqdm(list(exp.test_persons().items())[:persons], desc=f"transformer s{seed}", mininterval=10):
         crops, matrices, groups = prepare_frames(frames, cfg.model.image_size)
         deltas = [extract_delta(base, personalize(model, recon, crops, matrices, groups, cfg.ttp, "offline",
                                                   seed + TTP_SEED_STRIDE * k).state, keys)

@@ -77,20 +77,22 @@ def level(run: Path, run_cfg, shift: float, components: str, out: Path, seeds: i
 
 
 def summarize(exp: Experiment, seeds: int) -> dict:
-    def mean_pck(variant, s, scenario):
-        return float(np.mean([r["pck@0.2"] for r in exp.evaluation(variant, s, scenario)["persons"]]))
+    evals = {(v, s, sc): exp.evaluation(v, s, sc) for s in range(seeds)
+             for v, sc in [("baseline", "none"), ("transformer", "none")] + [("transformer", x) for x in SCENARIOS]}
 
-    row = {"baseline": float(np.mean([mean_pck("baseline", s, "none") for s in range(seeds)])),
-           "transformer": float(np.mean([mean_pck("transformer", s, "none") for s in range(seeds)]))}
+    def mean_pck(variant):
+        return float(np.mean([np.mean([r["pck@0.2"] for r in evals[variant, s, "none"]["persons"]])
+                              for s in range(seeds)]))
+
+    row = {"baseline": mean_pck("baseline"), "transformer": mean_pck("transformer")}
     for scenario in SCENARIOS:
-        per_seed = [paired(exp.evaluation("transformer", s, "none"), exp.evaluation("transformer", s, scenario))
-                    for s in range(seeds)]
+        runs = [evals["transformer", s, scenario] for s in range(seeds)]
+        per_seed = [paired(evals["transformer", s, "none"], run) for s, run in enumerate(runs)]
         diffs = np.concatenate(per_seed)
         row[scenario] = {"gain_mean": float(diffs.mean()), "gain_se": float(diffs.std(ddof=1) / np.sqrt(len(diffs))),
                          "per_seed": [float(d.mean()) for d in per_seed], "worst": float(diffs.min()),
                          "persons_worse_1pck": int((diffs < -0.01).sum()), "pairs": int(len(diffs)),
-                         "guard_events": int(sum(r["ttp"]["guard_events"] for s in range(seeds)
-                                                 for r in exp.evaluation("transformer", s, scenario)["persons"]))}
+                         "guard_events": int(sum(r["ttp"]["guard_events"] for run in runs for r in run["persons"]))}
     return row
 
 
