@@ -33,6 +33,14 @@ def prepare_frames(frames: list[Frame], image_size: int) -> tuple[torch.Tensor, 
     return torch.stack(crops), np.stack(mats), groups
 
 
+def dataset_flip_pairs(dataset: str) -> tuple:
+    """The dataset's left/right joint pairs, which a mirrored crop swaps (synthetic persons have Penn Action's
+    joints)."""
+    from .importers import IMPORTERS
+
+    return IMPORTERS[dataset].FLIP_PAIRS if dataset in IMPORTERS else PENN_FLIP_PAIRS
+
+
 def _one_person(frames: list[Frame]) -> None:
     ids = {f.person_id for f in frames}
     if len(ids) > 1:
@@ -65,12 +73,13 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, frames: list[Frame], image_size: int, data_cfg: DataConfig, seed: int = 0,
-                 augment: bool = True, flip_pairs=PENN_FLIP_PAIRS):
+                 augment: bool = True, flip_pairs=None):
         if not frames:
             raise ValueError("PairDataset needs at least one frame")
         self.frames, self.size, self.cfg, self.seed, self.augment = frames, image_size, data_cfg, seed, augment
         self.epoch = 0
-        self.perm = flip_permutation(frames[0].keypoints.shape[0], flip_pairs)
+        pairs = dataset_flip_pairs(data_cfg.dataset) if flip_pairs is None else flip_pairs
+        self.perm = flip_permutation(frames[0].keypoints.shape[0], pairs)
         by_video: dict[tuple[str, str], list[int]] = defaultdict(list)
         by_person: dict[str, list[int]] = defaultdict(list)
         for i, f in enumerate(frames):

@@ -65,6 +65,19 @@ def test_flip_swaps_left_and_right():
     assert perm[5] == 6 and perm[0] == 0
 
 
+def test_flip_swaps_the_datasets_own_pairs():
+    """Human3.6M's 17 joints pair up otherwise than Penn Action's 13: its right hip (1) mirrors to the left hip (4),
+    not to the right knee (2)."""
+    rng = np.random.default_rng(0)
+    kp = np.concatenate([rng.uniform(30, 70, (17, 2)), np.ones((17, 1))], axis=1).astype(np.float32)
+    f = Frame("p0", "v0", 0, rng.integers(0, 255, (120, 100, 3), dtype=np.uint8), kp,
+              np.array([25, 20, 50, 70], np.float32), "train")
+    item = PairDataset([f], SIZE, DataConfig(dataset="h36m", scale_std=0.0, rot_prob=0.0, flip_prob=1.0))[0]
+    plain = apply_affine(kp[:, :2], crop_matrix(f.bbox, SIZE))
+    assert np.allclose(item["joints"][1].numpy(), [SIZE - 1 - plain[4, 0], plain[4, 1]], atol=1e-4)
+    assert np.allclose(item["joints"][9].numpy(), [SIZE - 1 - plain[9, 0], plain[9, 1]], atol=1e-4)  # the nose
+
+
 def test_prepare_frame_and_person_helpers():
     frames = [_frame("v1", 1), _frame("v0", 2), _frame("v0", 1), _frame("extra-v2", 0, labeled=False)]
     crop, m = prepare_frame(frames[0], SIZE)
