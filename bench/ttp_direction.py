@@ -54,13 +54,18 @@ def mean_delta(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return {k: sum(d[k] for d in deltas if k in d) / len(deltas) for k in keys}
 
 
-def person_rows(run: Path, run_cfg, seed: int, persons: int, ttp_seeds: int, flips: int) -> list[dict]:
-    # worker=True: read the run's models and settings, write nothing into it
+def transformer_setup(run: Path, run_cfg, seed: int):
+    """A finished run's transformer of training seed `seed`, with the run's TTP settings: (experiment, model,
+    reconstruction loss, config, base state, the delta's keys). Reads the run, writes nothing into it."""
     exp = Experiment(run_cfg, run, seeds=seed + 1, worker=True, device="cpu")
     model, recon, cfg = exp.model("transformer", seed)
     cfg = dataclasses.replace(cfg, ttp=exp.ttp()[0])
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    keys = deltable_keys(base, {n for n, _ in model.named_parameters()})
+    return exp, model, recon, cfg, base, deltable_keys(base, {n for n, _ in model.named_parameters()})
+
+
+def person_rows(run: Path, run_cfg, seed: int, persons: int, ttp_seeds: int, flips: int) -> list[dict]:
+    exp, model, recon, cfg, base, keys = transformer_setup(run, run_cfg, seed)
     scorer = type(model)(model.cfg).eval()
     gen = torch.Generator().manual_seed(seed)
 
