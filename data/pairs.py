@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import Dataset
 
 from model.config import DataConfig
-from model.transforms import PENN_FLIP_PAIRS, apply_affine, crop_matrix, flip_permutation, to_tensor_layout, warp
+from model.transforms import apply_affine, crop_matrix, flip_permutation, to_tensor_layout, warp
 
 from .shards import Frame
 
@@ -31,14 +31,6 @@ def prepare_frames(frames: list[Frame], image_size: int) -> tuple[torch.Tensor, 
     videos: dict[tuple[str, str], int] = {}
     groups = np.array([videos.setdefault((f.person_id, f.video_id), len(videos)) for f in frames], np.int64)
     return torch.stack(crops), np.stack(mats), groups
-
-
-def dataset_flip_pairs(dataset: str) -> tuple:
-    """The dataset's left/right joint pairs, which a mirrored crop swaps (synthetic persons have Penn Action's
-    joints)."""
-    from .importers import IMPORTERS
-
-    return IMPORTERS[dataset].FLIP_PAIRS if dataset in IMPORTERS else PENN_FLIP_PAIRS
 
 
 def _one_person(frames: list[Frame]) -> None:
@@ -73,13 +65,12 @@ class PairDataset(Dataset):
     """
 
     def __init__(self, frames: list[Frame], image_size: int, data_cfg: DataConfig, seed: int = 0,
-                 augment: bool = True, flip_pairs=None):
+                 augment: bool = True):
         if not frames:
             raise ValueError("PairDataset needs at least one frame")
         self.frames, self.size, self.cfg, self.seed, self.augment = frames, image_size, data_cfg, seed, augment
         self.epoch = 0
-        pairs = dataset_flip_pairs(data_cfg.dataset) if flip_pairs is None else flip_pairs
-        self.perm = flip_permutation(frames[0].keypoints.shape[0], pairs)
+        self.perm = flip_permutation(frames[0].keypoints.shape[0])  # the joint set's own left/right pairs
         by_video: dict[tuple[str, str], list[int]] = defaultdict(list)
         by_person: dict[str, list[int]] = defaultdict(list)
         for i, f in enumerate(frames):

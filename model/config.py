@@ -109,6 +109,9 @@ class TTPConfig:
     # Trust region: no adapted weight moves further from its base value than this many learning-rate-sized steps
     # (Adam moves each weight by about lr per step), however many updates run; 0 = unbounded
     drift_steps: float = 0.0
+    # beyond the paper: weight of the supervised heatmaps' agreement with their mirror image in the TTP loss
+    # (`model.objectives.flip_consistency`); 0 = the paper's reconstruction loss alone
+    flip_weight: float = 0.0
     amp: str = "auto"  # bf16 autocast of the update step: auto (where the CPU/GPU has native bf16) | bf16 | off
     channels_last: bool = True  # NHWC layout for the person's model copy (faster oneDNN convolutions)
     seed: int = 0

@@ -7,6 +7,7 @@ rotation-prediction loss for `shared_rotation`; the baseline has none.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .heatmaps import gaussian_maps, image_to_heatmap
 from .losses import ReconstructionLoss, rotation_loss, supervised_loss
@@ -50,6 +51,17 @@ def self_loss(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, target: 
         rotated, labels = rotate_batch(target, rotations)
         return rotation_loss(model.rotation_head(model.encoder(rotated)), labels), {}
     return target.new_zeros(()), {}
+
+
+def flip_consistency(model: PoseTTPNet, images: torch.Tensor, h_sup: torch.Tensor, perm) -> torch.Tensor:
+    """Label-free agreement of the pose with its mirror image: the supervised heatmaps of `images` (`h_sup`) and of
+    the mirrored images, mirrored back with left and right swapped (`perm`), each pulled toward their mean (held
+    fixed, so that flattening both maps earns nothing). The heatmaps' pixel-centre grid mirrors exactly onto itself.
+    A steady horizontal offset of a joint shows here as twice itself, where the reconstruction hardly sees it."""
+    mirrored = model.pose(images.flip(-1))["h_sup"].flip(-1)[:, perm].float()
+    h_sup = h_sup.float()
+    mean = ((h_sup + mirrored) / 2).detach()
+    return F.mse_loss(h_sup, mean) + F.mse_loss(mirrored, mean)
 
 
 def self_weight(model: PoseTTPNet, lam: float, rotation_weight: float) -> float:

@@ -44,9 +44,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .config import TTPConfig
 from .losses import ReconstructionLoss
 from .network import PoseTTPNet
-from .objectives import self_loss
+from .objectives import flip_consistency, self_loss
 from .precision import autocast
 from .predict import predict_crops
+from .transforms import flip_permutation
 
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 
@@ -125,6 +126,7 @@ class _Adapter:
         self.recon_loss = recon_loss
         self.cfg = cfg
         self.frozen_appearance = "appearance" not in cfg.adapt
+        self.flip_perm = flip_permutation(base.cfg.num_joints)
         self.seed = seed
         self.rotations = torch.Generator().manual_seed(seed)  # the update steps' draws (rotation variant)
         self.guard_events = 0
@@ -146,8 +148,11 @@ class _Adapter:
         self.good_state = None
 
     def loss(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        loss, _ = self_loss(self.loss_model, self.recon_loss, target, source,
+        out = self.loss_model.pose(target) if self.cfg.flip_weight else {}
+        loss, _ = self_loss(self.loss_model, self.recon_loss, target, source, h_self=out.get("h_self"),
                             frozen_appearance=self.frozen_appearance, update_means=False, rotations=self.rotations)
+        if self.cfg.flip_weight:
+            loss = loss + self.cfg.flip_weight * flip_consistency(self.loss_model, target, out["h_sup"], self.flip_perm)
         return loss
 
     def step(self, target: torch.Tensor, source: torch.Tensor) -> float:

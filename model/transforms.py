@@ -18,13 +18,28 @@ PENN_JOINTS = (
     "right_wrist", "left_hip", "right_hip", "left_knee", "right_knee", "left_ankle", "right_ankle",
 )
 PENN_FLIP_PAIRS = ((1, 2), (3, 4), (5, 6), (7, 8), (9, 10), (11, 12))
+BBC_FLIP_PAIRS = ((1, 2), (3, 4), (5, 6))  # head, r/l wrist, r/l elbow, r/l shoulder
+# pelvis, r hip/knee/ankle, l hip/knee/ankle, torso, neck, nose, head, l shoulder/elbow/wrist, r shoulder/elbow/wrist
+H36M_FLIP_PAIRS = ((1, 4), (2, 5), (3, 6), (11, 14), (12, 15), (13, 16))
+# each supported joint set has its own size, so a model's or a frame's joint count names its left/right pairs
+FLIP_PAIRS_BY_JOINT_COUNT = {13: PENN_FLIP_PAIRS, 7: BBC_FLIP_PAIRS, 17: H36M_FLIP_PAIRS}
 
 
-def flip_permutation(num_joints: int, pairs=PENN_FLIP_PAIRS) -> np.ndarray:
+def flip_pairs_for(num_joints: int) -> tuple:
+    """The left/right pairs of the joint set with `num_joints` joints (Penn Action and the synthetic persons 13,
+    BBC Pose 7, Human3.6M 17), which a mirrored image swaps."""
+    if num_joints not in FLIP_PAIRS_BY_JOINT_COUNT:
+        raise ValueError(f"no left/right joint pairs known for {num_joints} joints; "
+                         f"known joint sets: {sorted(FLIP_PAIRS_BY_JOINT_COUNT)}")
+    return FLIP_PAIRS_BY_JOINT_COUNT[num_joints]
+
+
+def flip_permutation(num_joints: int, pairs=None) -> np.ndarray:
+    """Joint order after a horizontal mirror: left and right swapped (`pairs` defaults to the joint set's)."""
+    pairs = flip_pairs_for(num_joints) if pairs is None else pairs
     perm = np.arange(num_joints)
     for a, b in pairs:
-        if a < num_joints and b < num_joints:
-            perm[a], perm[b] = b, a
+        perm[a], perm[b] = b, a
     return perm
 
 

@@ -10,6 +10,8 @@ from model.heatmaps import (DECODERS, decode_argmax, decode_dark, gaussian_maps,
 from model.losses import ReconstructionLoss
 from model.metrics import bbc_macc, pck
 from model.network import ConvEncoder, build_model, parameter_counts
+from model.objectives import flip_consistency
+from model.transforms import flip_permutation
 
 
 def small_cfg(variant="transformer"):
@@ -262,3 +264,37 @@ def test_warped_skip_makes_the_reconstruction_depend_on_the_target_keypoints():
     assert grads[0.0] == 0 and grads[1.5] > 0
     with pytest.raises(ConfigError, match="render_skip"):
         load_config("configs/synth_small.yaml", ["model.render_skip=false", "model.warp_sigma=1.5"])
+
+
+class _HeatmapsAreTheImage:
+    """A stand-in pose model whose supervised heatmaps are its input: it moves every map with the image, so it
+    agrees with its mirror exactly where each joint's map equals its mirror joint's."""
+
+    def pose(self, images):
+        return {"h_sup": images}
+
+
+def test_flip_consistency_is_zero_exactly_when_the_mirror_agrees_and_pulls_toward_the_fixed_mean():
+    perm = np.array([0, 2, 1])  # joint 0 central, 1 and 2 a left/right pair
+    maps = torch.rand(2, 3, 16, 16)
+    maps[:, 2] = maps[:, 1]
+    model = _HeatmapsAreTheImage()
+    assert flip_consistency(model, maps, maps, perm).item() == 0.0
+    shifted = maps.clone()
+    shifted[:, 1] = maps[:, 1].roll(1, dims=-1)  # one side's joint a pixel off sideways: the mirror disagrees
+    h = shifted.clone().requires_grad_(True)
+    loss = flip_consistency(model, shifted, h, perm)
+    assert loss.item() > 1e-3
+    loss.backward()
+    # each map is pulled toward the mean of the two held fixed (a pull through the mean as well would halve the
+    # gradient and reward flattening both maps); the central joint feels no pull
+    mean = (shifted + shifted[:, perm]) / 2
+    assert torch.allclose(h.grad, 2 * (shifted - mean) / shifted.numel(), atol=1e-9)
+    assert h.grad[:, 0].abs().max() == 0 and h.grad[:, 1].abs().max() > 0
+
+
+def test_each_joint_set_mirrors_with_its_own_pairs():
+    assert flip_permutation(13)[5] == 6 and flip_permutation(7)[1] == 2 and flip_permutation(17)[1] == 4
+    assert flip_permutation(17)[9] == 9  # the nose stays
+    with pytest.raises(ValueError, match="no left/right joint pairs known for 5 joints"):
+        flip_permutation(5)

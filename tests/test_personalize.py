@@ -53,10 +53,13 @@ def setup():
     return cfg, model, recon, crops, matrices, groups
 
 
-def test_only_encoder_and_self_head_non_norm_parameters_change(setup):
+@pytest.mark.parametrize("flip_weight", [0.0, 100.0])
+def test_only_encoder_and_self_head_non_norm_parameters_change(setup, flip_weight):
+    """Also with the flip-consistency term, whose gradient reaches the encoder through the frozen pose head."""
     cfg, model, recon, crops, matrices, groups = setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = personalize(model, recon, crops, matrices, groups, cfg.ttp, "offline", seed=0)
+    ttp = dataclasses.replace(cfg.ttp, flip_weight=flip_weight)
+    result = personalize(model, recon, crops, matrices, groups, ttp, "offline", seed=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "base model was modified"
     adapted = {n for n, _ in adaptable_parameters(model, cfg.ttp.adapt)}
     changed = {k for k, v in result.state.items() if not torch.equal(before[k], v)}
@@ -271,3 +274,12 @@ def test_online_with_cross_video_sources_never_looks_at_future_frames(setup):
     same_video = personalize(model, recon, crops, matrices, groups, dataclasses.replace(cfg.ttp, cross_video=0.0),
                              "online", seed=3)
     assert not np.array_equal(a.predictions[7:], same_video.predictions[7:])  # video 1 also learnt from video 0
+
+
+def test_flip_term_changes_the_update_and_keeps_the_base_free_of_it(setup):
+    cfg, model, recon, crops, matrices, groups = setup
+    plain = personalize(model, recon, crops, matrices, groups, cfg.ttp, "offline", seed=0).state
+    ttp = dataclasses.replace(cfg.ttp, flip_weight=100.0)
+    flipped = personalize(model, recon, crops, matrices, groups, ttp, "offline", seed=0).state
+    assert any(not torch.equal(plain[k], flipped[k]) for k in plain if k.startswith("encoder."))
+    assert all(torch.equal(plain[k], flipped[k]) for k in plain if k.startswith(("sup_head.", "renderer.")))
