@@ -119,24 +119,36 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments of every per-person analysis of a finished run's transformers."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--run", required=True, help="a `posettp reproduce` --out with models/ and config.json")
     ap.add_argument("--seeds", default="0,1,2", help="which of the run's transformers (training seeds)")
     ap.add_argument("--persons", type=int, default=30)
-    ap.add_argument("--ttp-seeds", type=int, default=3)
-    ap.add_argument("--flips", type=int, default=2, help="sign-flipped nulls per person")
     ap.add_argument("--jobs", type=int, default=2, help="processes, one training seed each")
     ap.add_argument("--out", default="", help="write the per-person rows and the summary as JSON here")
+    return ap
+
+
+def rows_of_every_seed(rows_of_seed, seeds: str, jobs: int) -> list[dict]:
+    """`rows_of_seed(seed)` for each training seed in `seeds` ("0,1,2"), `jobs` seeds at a time in fresh processes
+    that share the cores."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        return [r for part in pool.map(rows_of_seed, map(int, seeds.split(","))) for r in part]
+
+
+def main() -> None:
+    ap = run_arguments(__doc__.splitlines()[0])
+    ap.add_argument("--ttp-seeds", type=int, default=3)
+    ap.add_argument("--flips", type=int, default=2, help="sign-flipped nulls per person")
     args = ap.parse_args()
     run = Path(args.run)
     run_cfg = from_dict(json.loads((run / "config.json").read_text()))
     t0 = time.perf_counter()
     one_seed = partial(person_rows, run, run_cfg, persons=args.persons, ttp_seeds=args.ttp_seeds, flips=args.flips)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        rows = [r for part in pool.map(one_seed, map(int, args.seeds.split(","))) for r in part]
+    rows = rows_of_every_seed(one_seed, args.seeds, args.jobs)
     result = {"summary": summary(rows), "rows": rows, "ttp_config": dataclasses.asdict(run_cfg.ttp),
               "seconds": time.perf_counter() - t0}
     if args.out:

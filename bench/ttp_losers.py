@@ -23,13 +23,8 @@ Run: .venv/bin/python -m bench.ttp_losers --run OUT_OF_REPRODUCE [--seeds 0,1,2 
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
-import multiprocessing
-import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -38,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.ttp_direction import transformer_setup
+from bench.ttp_direction import rows_of_every_seed, run_arguments, transformer_setup
 from data.pairs import prepare_frames
 from model.config import apply_overrides, from_dict
 from model.delta import apply_delta, extract_delta
@@ -177,22 +172,13 @@ def summary(rows: list[dict]) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--run", required=True, help="a `posettp reproduce` --out with models/ and config.json")
-    ap.add_argument("--seeds", default="0,1,2", help="which of the run's transformers (training seeds)")
-    ap.add_argument("--persons", type=int, default=30)
+    ap = run_arguments(__doc__.splitlines()[0])
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. data.test_split=val")
-    ap.add_argument("--jobs", type=int, default=2, help="processes, one training seed each")
-    ap.add_argument("--out", default="", help="write the per-person rows and the summary as JSON here")
     args = ap.parse_args()
     run = Path(args.run)
     run_cfg = apply_overrides(from_dict(json.loads((run / "config.json").read_text())), args.set)
     t0 = time.perf_counter()
-    one_seed = partial(person_rows, run, run_cfg, persons=args.persons)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        rows = [r for part in pool.map(one_seed, map(int, args.seeds.split(","))) for r in part]
+    rows = rows_of_every_seed(partial(person_rows, run, run_cfg, persons=args.persons), args.seeds, args.jobs)
     result = {"summary": summary(rows), "rows": rows, "config": run_cfg.to_dict(), "overrides": args.set,
               "seconds": time.perf_counter() - t0}
     if args.out:

@@ -57,7 +57,8 @@ def flip_consistency(model: PoseTTPNet, images: torch.Tensor, h_sup: torch.Tenso
     """Label-free agreement of the pose with its mirror image: the supervised heatmaps of `images` (`h_sup`) and of
     the mirrored images, mirrored back with left and right swapped (`perm`), each pulled toward their mean (held
     fixed, so that flattening both maps earns nothing). The heatmaps' pixel-centre grid mirrors exactly onto itself.
-    A steady horizontal offset of a joint shows here as twice itself, where the reconstruction hardly sees it."""
+    A steady sideways offset that a joint shares with its left/right partner shows here as twice itself, where the
+    reconstruction hardly sees it."""
     mirrored = model.pose(images.flip(-1))["h_sup"].flip(-1)[:, perm].float()
     h_sup = h_sup.float()
     mean = ((h_sup + mirrored) / 2).detach()

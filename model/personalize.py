@@ -13,6 +13,10 @@ gradients, the source's appearance code is computed without a graph) and runs th
 person's copy channels-last with bf16 autocast where the hardware has native bf16
 (`ttp.channels_last`, `ttp.amp`; measured in `bench/ttp_step.py`).
 
+Beyond the paper, `flip_weight` (0 = off, the paper's loss) adds to the reconstruction loss the supervised heatmaps'
+agreement with their mirror image (`objectives.flip_consistency`): steady sideways joint offsets, which the
+reconstruction hardly sees, show there (README, "Which persons lose").
+
 Label-free safeguards (beyond the paper), two on by default:
 - the pose-signal check: before adapting, swap the keypoints between the frames of a
   probe batch; if the base model's reconstruction loss hardly rises (< `min_pose_signal`),
