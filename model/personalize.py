@@ -130,7 +130,7 @@ class _Adapter:
         self.recon_loss = recon_loss
         self.cfg = cfg
         self.frozen_appearance = "appearance" not in cfg.adapt
-        self.flip_perm = flip_permutation(base.cfg.num_joints)
+        self.flip_perm = flip_permutation(base.cfg.num_joints) if cfg.flip_weight else None
         self.seed = seed
         self.rotations = torch.Generator().manual_seed(seed)  # the update steps' draws (rotation variant)
         self.guard_events = 0
