@@ -54,15 +54,13 @@ def self_loss(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, target: 
 
 
 def flip_consistency(model: PoseTTPNet, images: torch.Tensor, h_sup: torch.Tensor, perm) -> torch.Tensor:
-    """Label-free agreement of the pose with its mirror image: the supervised heatmaps of `images` (`h_sup`) and of
-    the mirrored images, mirrored back with left and right swapped (`perm`), each pulled toward their mean (held
-    fixed, so that flattening both maps earns nothing). The heatmaps' pixel-centre grid mirrors exactly onto itself.
-    A steady sideways offset that a joint shares with its left/right partner shows here as twice itself, where the
-    reconstruction hardly sees it."""
-    mirrored = model.pose(images.flip(-1))["h_sup"].flip(-1)[:, perm].float()
-    h_sup = h_sup.float()
-    mean = ((h_sup + mirrored) / 2).detach()
-    return F.mse_loss(h_sup, mean) + F.mse_loss(mirrored, mean)
+    """Label-free agreement of the pose with its mirror image: half the mean squared difference between the
+    supervised heatmaps of `images` (`h_sup`) and those of the mirrored images, mirrored back with left and right
+    swapped (`perm`); the heatmaps' pixel-centre grid mirrors exactly onto itself. A steady sideways offset that a
+    joint shares with its left/right partner shows here as twice itself, where the reconstruction hardly sees it.
+    Lower, flatter maps also lower it: the trust region bounds how far that can go."""
+    mirrored = model.pose(images.flip(-1))["h_sup"].flip(-1)[:, perm]
+    return 0.5 * F.mse_loss(h_sup.float(), mirrored.float())
 
 
 def self_weight(model: PoseTTPNet, lam: float, rotation_weight: float) -> float:
