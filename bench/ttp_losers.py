@@ -51,6 +51,7 @@ WORSE = {"flip_gap": 1, "aug_gap": 1, "jitter": 1, "confidence": -1, "fresh_loss
 
 
 def _view(size: int, zoom: float, rot: float, shift: float) -> np.ndarray:
+    """Crop-to-crop affine: zoom and rotate about the crop's centre, then move right and down by `shift` px."""
     m = cv2.getRotationMatrix2D(((size - 1) / 2, (size - 1) / 2), rot, zoom)
     m[:, 2] += shift
     return m
