@@ -37,7 +37,7 @@ from bench.ttp_direction import rows_of_every_seed, run_arguments, transformer_s
 from data.pairs import prepare_frames
 from model.config import apply_overrides, from_dict
 from model.delta import apply_delta, extract_delta
-from model.objectives import self_loss
+from model.objectives import pose_signal
 from model.personalize import personalize, probe_pairs
 from model.predict import predict_crops
 from model.transforms import flip_permutation
@@ -93,24 +93,14 @@ def jitter(pred: np.ndarray, frames: list) -> float:
     return float(np.mean(acc)) if acc else float("nan")
 
 
-@torch.no_grad()
-def reconstruction_signals(model, recon, pairs) -> tuple[float, float]:
-    """The self-supervised loss on the pairs and its pose signal (loss with the keypoints swapped / loss)."""
-    target, source = pairs
-    h_self = model.self_logits(target)
-    own, _ = self_loss(model, recon, target, source, h_self=h_self, update_means=False)
-    swapped, _ = self_loss(model, recon, target, source, h_self=h_self.roll(1, 0), update_means=False)
-    return float(own), float(swapped) / max(float(own), 1e-12)
-
-
 def signals(model, recon, crops, matrices, frames, pairs) -> tuple[dict[str, float], np.ndarray]:
     views = predicted_views(model, crops, matrices)
     plain = views["plain"]
-    fresh_loss, pose_signal = reconstruction_signals(model, recon, pairs)
+    fresh_loss, signal = pose_signal(model, recon, *pairs)
     return {"flip_gap": _gap(plain, views["flip"]),
             "aug_gap": float(np.mean([_gap(plain, views[f"view{i}"]) for i in range(len(VIEWS))])),
             "jitter": jitter(plain, frames), "confidence": float(plain[..., 2].mean()),
-            "fresh_loss": fresh_loss, "pose_signal": pose_signal}, plain
+            "fresh_loss": fresh_loss, "pose_signal": signal}, plain
 
 
 def person_rows(run: Path, run_cfg, seed: int, persons: int) -> list[dict]:

@@ -53,6 +53,17 @@ def self_loss(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, target: 
     return target.new_zeros(()), {}
 
 
+@torch.no_grad()
+def pose_signal(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, target: torch.Tensor,
+                source: torch.Tensor) -> tuple[float, float]:
+    """The self-supervised loss on (target, source) pairs, and how much it rises when the targets' keypoints are
+    swapped between pairs (swapped / own): near 1, the loss does not depend on where the keypoints are."""
+    h_self = model.self_logits(target)
+    own, _ = self_loss(model, recon_loss, target, source, h_self=h_self, update_means=False)
+    swapped, _ = self_loss(model, recon_loss, target, source, h_self=h_self.roll(1, 0), update_means=False)
+    return float(own), float(swapped) / max(float(own), 1e-12)
+
+
 def flip_consistency(model: PoseTTPNet, images: torch.Tensor, h_sup: torch.Tensor, perm) -> torch.Tensor:
     """Label-free agreement of the pose with its mirror image: half the mean squared difference between the
     supervised heatmaps of `images` (`h_sup`) and those of the mirrored images, mirrored back with left and right

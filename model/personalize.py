@@ -48,7 +48,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .config import TTPConfig
 from .losses import ReconstructionLoss
 from .network import PoseTTPNet
-from .objectives import flip_consistency, self_loss
+from .objectives import flip_consistency, pose_signal, self_loss
 from .precision import autocast
 from .predict import predict_crops
 from .transforms import flip_permutation
@@ -203,17 +203,11 @@ class _Adapter:
                                 rotations=torch.Generator().manual_seed(self.seed))  # the same draws every time
             return float(loss), float(out["h_sup"].float().amax(dim=(2, 3)).mean())
 
-    @torch.no_grad()
     def check_pose_signal(self, probe_batch) -> bool:
         """Measure the base model's pose signal on the probe batch; stop (keep the base) when too weak."""
         if not self.base.has_reconstruction or not self.cfg.min_pose_signal:
             return True
-        target, source = probe_batch
-        h_self = self.base.self_logits(target)
-        own, _ = self_loss(self.base, self.recon_loss, target, source, h_self=h_self, update_means=False)
-        swapped, _ = self_loss(self.base, self.recon_loss, target, source, h_self=h_self.roll(1, 0),
-                               update_means=False)
-        self.pose_signal = float(swapped) / max(float(own), 1e-12)
+        self.pose_signal = pose_signal(self.base, self.recon_loss, *probe_batch)[1]
         if self.pose_signal < self.cfg.min_pose_signal:
             self.guard_events += 1
             self.stopped = True
