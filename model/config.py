@@ -42,6 +42,9 @@ class ModelConfig:
     # inference only: quarter (the released code's argmax + quarter-pixel shift) | dark (a Gaussian fitted to the
     # peak, sub-pixel: model.heatmaps.decode_dark); a coarse heatmap grid (synth_small: stride 4 on 64 px) needs it
     decode: str = "quarter"
+    # inference only: average each crop's heatmaps with its mirror's (model.predict.predict_crops); twice the
+    # inference, a pose that does not depend on which way the person faces
+    flip_test: bool = False
 
 
 @dataclass
@@ -209,6 +212,13 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.image_size must be a multiple of 32, got {cfg.model.image_size}")
     if cfg.model.decode not in DECODINGS:
         raise ConfigError(f"model.decode must be one of {DECODINGS}, got {cfg.model.decode!r}")
+    if cfg.model.flip_test:
+        from .transforms import flip_pairs_for
+
+        try:
+            flip_pairs_for(cfg.model.num_joints)
+        except ValueError as exc:
+            raise ConfigError(f"model.flip_test: {exc}") from None
     if cfg.model.warp_sigma and not cfg.model.render_skip:
         raise ConfigError("model.warp_sigma warps the renderer's skip: it needs model.render_skip: true")
     if cfg.loss.perceptual not in ("vgg16", "vgg16_random", "none"):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from .heatmaps import gaussian_maps, image_to_heatmap
 from .losses import ReconstructionLoss, rotation_loss, supervised_loss
 from .network import PoseTTPNet
+from .predict import mirrored_heatmaps
 
 
 def heatmap_targets(joints: torch.Tensor, image_size: int, sigma: float) -> torch.Tensor:
@@ -67,11 +68,10 @@ def pose_signal(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, target
 def flip_consistency(model: PoseTTPNet, images: torch.Tensor, h_sup: torch.Tensor, perm) -> torch.Tensor:
     """Label-free agreement of the pose with its mirror image: half the mean squared difference between the
     supervised heatmaps of `images` (`h_sup`) and those of the mirrored images, mirrored back with left and right
-    swapped (`perm`); the heatmaps' pixel-centre grid mirrors exactly onto itself. A steady sideways offset that a
-    joint shares with its left/right partner shows here as twice itself, where the reconstruction hardly sees it.
+    swapped (`perm`). A steady sideways offset that a joint shares with its left/right partner shows here as twice
+    itself, where the reconstruction hardly sees it.
     Lower, flatter maps also lower it: the trust region bounds how far that can go."""
-    mirrored = model.pose(images.flip(-1))["h_sup"].flip(-1)[:, perm]
-    return 0.5 * F.mse_loss(h_sup.float(), mirrored.float())
+    return 0.5 * F.mse_loss(h_sup.float(), mirrored_heatmaps(model, images, perm).float())
 
 
 def self_weight(model: PoseTTPNet, lam: float, rotation_weight: float) -> float:

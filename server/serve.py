@@ -58,7 +58,7 @@ from model.config import from_dict
 from model.delta import DEFAULT_MAX_BYTES, DEFAULT_NORM_BOUND, DeltaRejected, apply_delta
 from model.network import PoseTTPNet
 from model.predict import predict_crops
-from model.transforms import PENN_JOINTS, crop_matrix, full_image_bbox, to_tensor_layout, warp
+from model.transforms import PENN_JOINTS, crop_matrix, flip_pairs_for, full_image_bbox, to_tensor_layout, warp
 from server.auth import AuthError, TokenTable, default_tokens_url
 from server.registry import BaseModelInfo, DeltaStore, check_person_id
 
@@ -100,6 +100,8 @@ class ServeSettings:
     #                            and go); 0 = leave glibc's default
     max_delta_bytes: int = DEFAULT_MAX_BYTES
     delta_norm_bound: float = DEFAULT_NORM_BOUND
+    flip_test: bool = False  # average each crop's heatmaps with its mirror's (twice the inference); this
+    #                          setting decides, not the checkpoint's model.flip_test
 
     @classmethod
     def from_args(cls, args: dict | None) -> "ServeSettings":
@@ -340,9 +342,13 @@ class PersonModels:
     """Base model loaded once; person models built from it and the delta store; predictions."""
 
     def __init__(self, checkpoint: str, store: str, device: str = "cpu", ttl_s: float = 2.0,
-                 max_delta_bytes: int = DEFAULT_MAX_BYTES, norm_bound: float = DEFAULT_NORM_BOUND):
+                 max_delta_bytes: int = DEFAULT_MAX_BYTES, norm_bound: float = DEFAULT_NORM_BOUND,
+                 flip_test: bool = False):
         ck = load_checkpoint(checkpoint, map_location=device)
         self.base = ck.model.eval()
+        if flip_test:
+            flip_pairs_for(ck.config.model.num_joints)  # refuse a joint set without known left/right pairs now
+        self.base.cfg.flip_test = flip_test  # person models share the base's cfg
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.config = ck.config
@@ -485,7 +491,8 @@ class PoseModel:
         torch.set_num_threads(threads)
         device = "cuda" if s.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.device = device
-        self.models = PersonModels(s.checkpoint, s.store, device, s.ttl_s, s.max_delta_bytes, s.delta_norm_bound)
+        self.models = PersonModels(s.checkpoint, s.store, device, s.ttl_s, s.max_delta_bytes, s.delta_norm_bound,
+                                   s.flip_test)
         self.lru_size = s.lru_size
         # one loader thread for store reads and delta application (Serve loads one model at a time
         # anyway); with MALLOC_ARENA_MAX (settings.malloc_arena_max) this keeps RSS flat as persons are
@@ -542,7 +549,7 @@ class PoseModel:
 
     async def health(self) -> dict:
         return {"base_sha256": self.models.sha256, "image_size": self.models.image_size, "device": self.device,
-                "num_joints": len(self.models.names), **self.models.stats(), "lru_size": self.lru_size}
+                "num_joints": len(self.models.names), "flip_test": self.models.base.cfg.flip_test, **self.models.stats(), "lru_size": self.lru_size}
 
 
 api = FastAPI(title="posettp pose API", version="1")

@@ -108,6 +108,35 @@ def test_predictions_decode_as_the_model_config_says():
     assert not np.allclose(decode_dark(h_sup)[0], decode_argmax(h_sup)[0])
 
 
+
+def test_flip_test_averages_with_the_mirror_so_a_mirrored_crop_gives_the_same_pose():
+    """With model.flip_test, each crop's heatmaps are averaged with its mirror's: the mirrored crop (its affine
+    mirrored too) then predicts the same joints in the original image, left and right swapped back — exactly, where
+    a single pass differs by pixels."""
+    from model.predict import predict_crops
+
+    with pytest.raises(ConfigError, match="model.flip_test: no left/right joint pairs known for 5 joints"):
+        load_config("configs/synth_small.yaml", ["model.flip_test=true", "model.num_joints=5"])
+    torch.manual_seed(0)
+    model = build_model(small_cfg().model).eval()
+    crops = torch.rand(3, 3, 64, 64)
+    matrices = np.tile(np.array([[0.5, 0.0, -3.0], [0.0, 0.5, 7.0]], np.float32), (3, 1, 1))
+    mirror = np.array([[-1.0, 0.0, 63.0], [0.0, 1.0, 0.0]])  # crop pixel x -> 63 - x: what .flip(-1) does
+    mirrored_matrices = np.stack([np.concatenate([mirror[:, :2] @ m[:, :2], mirror[:, :2] @ m[:, 2:] + mirror[:, 2:]],
+                                                 axis=1) for m in matrices])
+    perm = flip_permutation(13)
+
+    def both(flip_test):
+        model.cfg.flip_test = flip_test
+        return (predict_crops(model, crops, matrices)[..., :2],
+                predict_crops(model, crops.flip(-1), mirrored_matrices)[:, perm, :2])
+
+    plain, plain_mirrored = both(False)
+    flipped, flipped_mirrored = both(True)
+    np.testing.assert_allclose(flipped, flipped_mirrored, atol=1e-3)
+    assert np.abs(plain - plain_mirrored).max() > 0.5
+    assert np.abs(flipped - plain).max() > 0.1
+
 def test_separable_keypoint_path_equals_upsampled_maps_through_the_encoder():
     """The reconstruction never builds the keypoint maps: upsampling their x/y factors and splitting the first
     convolution must give what F.interpolate of the maps and the plain convolution give, values and gradients."""

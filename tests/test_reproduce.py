@@ -61,18 +61,26 @@ def test_table1_trains_every_variant_and_resumes_from_its_cache(toy):
     assert "made with other settings (train.max_steps); use another --out" in refused
 
 
-def test_another_decoding_reuses_the_models_and_evaluates_again(toy):
-    """model.decode changes predictions, not training: the models stay, the evaluations are redone and kept apart."""
+def test_inference_settings_reuse_the_models_and_evaluate_again(toy):
+    """model.decode and model.flip_test change predictions, not training: the models stay, the evaluations are
+    redone and kept apart."""
     reproduce, out = toy
     reproduce("table1")  # synth_small decodes with dark
     models = {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/model.safetensors")}
-    dark = {p.name for p in (out / "evals").glob("*.json")}
-    assert dark and all("-dark" in name for name in dark)
-    reproduce("table1", "model.decode=quarter")
-    assert {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/model.safetensors")} == models
-    quarter = {p.name for p in (out / "evals").glob("*.json")} - dark
-    assert len(quarter) == len(dark) and not any("-dark" in name for name in quarter)
-    assert json.loads((out / "config.json").read_text())["model"]["decode"] == "quarter"
+
+    def evaluations():
+        return {p.name for p in (out / "evals").glob("*.json")}
+
+    dark = evaluations()
+    assert dark and all("-dark" in name and "-fliptest" not in name for name in dark)
+    for override, named in (("model.decode=quarter", lambda name: "-dark" not in name and "-fliptest" not in name),
+                            ("model.flip_test=true", lambda name: "-dark-fliptest" in name)):
+        before = evaluations()
+        reproduce("table1", override)
+        assert {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/model.safetensors")} == models
+        new = evaluations() - before
+        assert len(new) == len(dark) and all(named(name) for name in new), (override, new)
+    assert json.loads((out / "config.json").read_text())["model"]["flip_test"] is True
 
 
 def test_table1_of_chosen_variants_trains_only_those(toy, tmp_path):

@@ -260,6 +260,22 @@ def test_cached_person_model_equals_model_with_delta_loaded(world):
     assert np.abs(alice - base).max() > 1.0  # the delta matters: a cross-talk test can see it
 
 
+def test_flip_test_setting_serves_person_models_with_the_offline_flip_test(world):
+    """`flip_test: true` serves every person as `predict_crops` with model.flip_test predicts offline; the
+    setting decides whatever the checkpoint says."""
+    ck, store, images = world
+    assert ServeSettings.from_args({"checkpoint": ck, "store": store, "flip_test": "true"}).flip_test is True
+    flipped, plain = PersonModels(ck, store, flip_test=True), PersonModels(ck, store)
+    reference, _ = person_model(ck, store, "alice")
+    reference.cfg.flip_test = True
+    rgb = decode_image(images[0], **LIMITS)
+    crop, m = prepare_crop(rgb, full_image_bbox(rgb.shape[1], rgb.shape[0]), flipped.image_size)
+    got = flipped.predict(flipped.load("alice").model, crop[None], m[None])[0]
+    np.testing.assert_allclose(got, reference_keypoints(reference, images[0]), atol=1e-3)
+    assert np.abs(got - plain.predict(plain.load("alice").model, crop[None], m[None])[0])[:, :2].max() > 0.1
+    assert flipped.base.cfg.flip_test and not plain.base.cfg.flip_test
+
+
 def test_hot_update_and_tampered_delta_fall_back_to_base(world, tmp_path, caplog):
     ck, _, images = world
     store = str(tmp_path / "store")

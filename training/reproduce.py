@@ -33,6 +33,7 @@ from .local import train_local
 
 log = logging.getLogger(__name__)
 SCENARIOS = ("none", "online", "offline")
+INFERENCE_ONLY = ("decode", "flip_test")  # model settings that change predictions, not training
 
 
 def _cached(path: Path, compute):
@@ -61,8 +62,10 @@ class Experiment:
         self.device = pick_device(device)
         self.variants = tuple(v for v in VARIANTS if v in variants)
         self.data_url = cfg.data.url
-        # decoding is inference only: cached models are reused whatever it is, their evaluations are not
-        self.decode_tag = "" if cfg.model.decode == "quarter" else f"-{cfg.model.decode}"
+        # decoding and the flip test are inference only: cached models are reused whatever they are, their
+        # evaluations are not
+        self.inference_tag = ("" if cfg.model.decode == "quarter" else f"-{cfg.model.decode}") + \
+            ("-fliptest" if cfg.model.flip_test else "")
         self._train_frames = None
         self._test = None
         if not worker:
@@ -75,8 +78,8 @@ class Experiment:
 
     def _refuse_stale_cache(self) -> None:
         """Models (and the evaluations cached with them) made with other model/loss/train/data settings would
-        be mixed into this run's tables: refuse such an --out instead. `model.decode` is not one: it does not
-        change training, and the evaluations' cache names carry it."""
+        be mixed into this run's tables: refuse such an --out instead. The inference-only settings are not: they
+        do not change training, and the evaluations' cache names carry them."""
         from model.config import from_dict
 
         for meta in sorted((self.out / "models").glob("*/config.json")):
@@ -84,7 +87,7 @@ class Experiment:
             wanted = self.training_config(trained.model.variant, trained.train.seed)
             stale = [f"{section}.{k}" for section in ("model", "loss", "train", "data")
                      for k, v in getattr(wanted, section).__dict__.items()
-                     if getattr(getattr(trained, section), k) != v and f"{section}.{k}" != "model.decode"]
+                     if getattr(getattr(trained, section), k) != v and not (section == "model" and k in INFERENCE_ONLY)]
             if stale:
                 raise ValueError(f"{meta.parent} was made with other settings ({', '.join(stale)}); "
                                  "use another --out for these")
@@ -115,7 +118,8 @@ class Experiment:
                             {"train_seconds": time.perf_counter() - t0, "history": history,
                              "device": str(self.device)}, recon)
         ck = load_checkpoint(str(path))
-        ck.config.model.decode = self.cfg.model.decode  # the model's cfg: predictions decode as this run says
+        for name in INFERENCE_ONLY:  # the model's cfg: it predicts as this run says
+            setattr(ck.config.model, name, getattr(self.cfg.model, name))
         model, recon = model_with_loss(ck, self.device)
         return model, recon, ck.config
 
@@ -156,7 +160,7 @@ class Experiment:
             ttp, key = self.ttp(ttp_overrides)
             if ttp == self.ttp()[0]:
                 tag = ""
-        return self.out / "evals" / f"{variant}-s{seed}-{scenario}{tag}{self.decode_tag}{key}.json"
+        return self.out / "evals" / f"{variant}-s{seed}-{scenario}{tag}{self.inference_tag}{key}.json"
 
 
 def _with(cfg: Config, overrides: list[str]) -> Config:
@@ -307,7 +311,7 @@ def fig4(exp: Experiment) -> dict:
                 out.append(res["pck@0.2"] - none[pid]["pck@0.2"])
             return out
         for n in counts:
-            rows[n] += _cached(exp.out / "evals" / f"fig4-s{s}-n{n}{exp.decode_tag}{key}.json", lambda n=n: compute(n))
+            rows[n] += _cached(exp.out / "evals" / f"fig4-s{s}-n{n}{exp.inference_tag}{key}.json", lambda n=n: compute(n))
     means = [np.mean(rows[n]) * 100 if rows[n] else float("nan") for n in counts]
     ses = [np.std(rows[n], ddof=1) / np.sqrt(len(rows[n])) * 100 if len(rows[n]) > 1 else 0 for n in counts]
     fig, ax = plt.subplots(figsize=(5, 3.5))
