@@ -8,7 +8,7 @@ throughput: N concurrent keep-alive clients on 3 warm persons;
 memory: PoseModel replica RSS after the first persons, after 16, and after cycling through all persons.
 
 Run: .venv/bin/python -m bench.serve_latency [--persons 200 --lru 16 --image-size 64 --auth] [--num-gpus 1]
-     [--config configs/synth_paper.yaml]
+     [--config configs/synth_paper.yaml] [--flip-test]
 (--num-gpus > 0: the PoseModel replica holds that share of a GPU and runs the model on CUDA)
 """
 import argparse
@@ -94,6 +94,7 @@ def run(args) -> dict:
 
     # pure model forward (no HTTP, no Ray) for reference, on the replica's device
     base.model.to("cuda" if args.num_gpus > 0 else "cpu")
+    base.model.cfg.flip_test = args.flip_test
     crop = torch.rand(1, 3, size, size)
     mat = np.tile(np.array([[1.0, 0, 0], [0, 1.0, 0]]), (1, 1, 1))
     for _ in range(5):
@@ -106,10 +107,11 @@ def run(args) -> dict:
 
     config = write_serve_config(str(root / "serve.yaml"), replicas=1, num_cpus=1, lru_size=args.lru, ttl_s=2.0,
                                 batch_size=8, batch_wait_ms=args.batch_wait_ms, auth=bool(args.auth),
-                                colocate=args.colocate, num_gpus=args.num_gpus)
+                                colocate=args.colocate, num_gpus=args.num_gpus, flip_test=args.flip_test)
     proc = ServeProcess(ck, store, config, str(root / "serve.log"))
     out = {"machine": machine(), "config": args.config, "num_gpus": args.num_gpus, "image_size": size,
            "persons": args.persons, "lru": args.lru, "replicas": 1, "auth": bool(args.auth), "colocate": args.colocate,
+           "flip_test": args.flip_test,
            "batch_wait_ms": args.batch_wait_ms, "request_size": args.request_size, "delta_setup_s": round(setup_s, 1),
            "forward_ms_p50_in_process": round(statistics.median(fw), 2)}
     try:
@@ -236,6 +238,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", action="store_true")
     p.add_argument("--colocate", action="store_true", help="one deployment (ingress holds the models)")
     p.add_argument("--num-gpus", type=float, default=0.0, help="GPU share of the PoseModel replica")
+    p.add_argument("--flip-test", action="store_true", help="serve with flip_test: true (twice the pose passes)")
     p.add_argument("--keep", action="store_true")
     return p
 

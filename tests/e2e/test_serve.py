@@ -79,6 +79,7 @@ def post(srv, pid, body, bbox=None, token=None, **kw):
 def test_healthz(server):
     h = server["health"]
     assert h["status"] == "ok" and h["auth"] is True and h["image_size"] == 64 and h["num_joints"] == 13
+    assert h["flip_test"] is False  # the default
 
 
 def test_keypoints_equal_offline_predictions(server):
