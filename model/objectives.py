@@ -69,8 +69,8 @@ def flip_consistency(model: PoseTTPNet, images: torch.Tensor, h_sup: torch.Tenso
     """Label-free agreement of the pose with its mirror image: half the mean squared difference between the
     supervised heatmaps of `images` (`h_sup`) and those of the mirrored images, mirrored back with left and right
     swapped (`perm`). A steady sideways offset that a joint shares with its left/right partner shows here as twice
-    itself, where the reconstruction hardly sees it.
-    Lower, flatter maps also lower it: the trust region bounds how far that can go."""
+    itself, where the reconstruction hardly sees it. Lower, flatter maps also lower it: the trust region bounds how
+    far that can go."""
     return 0.5 * F.mse_loss(h_sup.float(), mirrored_heatmaps(model, images, perm).float())
 
 

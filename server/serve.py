@@ -549,7 +549,8 @@ class PoseModel:
 
     async def health(self) -> dict:
         return {"base_sha256": self.models.sha256, "image_size": self.models.image_size, "device": self.device,
-                "num_joints": len(self.models.names), "flip_test": self.models.base.cfg.flip_test, **self.models.stats(), "lru_size": self.lru_size}
+                "num_joints": len(self.models.names), "flip_test": self.models.base.cfg.flip_test,
+                **self.models.stats(), "lru_size": self.lru_size}
 
 
 api = FastAPI(title="posettp pose API", version="1")

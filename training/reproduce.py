@@ -87,7 +87,8 @@ class Experiment:
             wanted = self.training_config(trained.model.variant, trained.train.seed)
             stale = [f"{section}.{k}" for section in ("model", "loss", "train", "data")
                      for k, v in getattr(wanted, section).__dict__.items()
-                     if getattr(getattr(trained, section), k) != v and not (section == "model" and k in INFERENCE_ONLY)]
+                     if getattr(getattr(trained, section), k) != v
+                     and not (section == "model" and k in INFERENCE_ONLY)]
             if stale:
                 raise ValueError(f"{meta.parent} was made with other settings ({', '.join(stale)}); "
                                  "use another --out for these")
@@ -311,7 +312,8 @@ def fig4(exp: Experiment) -> dict:
                 out.append(res["pck@0.2"] - none[pid]["pck@0.2"])
             return out
         for n in counts:
-            rows[n] += _cached(exp.out / "evals" / f"fig4-s{s}-n{n}{exp.inference_tag}{key}.json", lambda n=n: compute(n))
+            rows[n] += _cached(exp.out / "evals" / f"fig4-s{s}-n{n}{exp.inference_tag}{key}.json",
+                               lambda n=n: compute(n))
     means = [np.mean(rows[n]) * 100 if rows[n] else float("nan") for n in counts]
     ses = [np.std(rows[n], ddof=1) / np.sqrt(len(rows[n])) * 100 if len(rows[n]) > 1 else 0 for n in counts]
     fig, ax = plt.subplots(figsize=(5, 3.5))
