@@ -11,7 +11,7 @@ from model.losses import ReconstructionLoss
 from model.metrics import bbc_macc, pck
 from model.network import ConvEncoder, build_model, parameter_counts
 from model.objectives import flip_consistency
-from model.transforms import flip_permutation
+from model.transforms import crop_matrix, flip_permutation
 
 
 def small_cfg(variant="transformer"):
@@ -120,10 +120,9 @@ def test_flip_test_averages_with_the_mirror_so_a_mirrored_crop_gives_the_same_po
     torch.manual_seed(0)
     model = build_model(small_cfg().model).eval()
     crops = torch.rand(3, 3, 64, 64)
-    matrices = np.tile(np.array([[0.5, 0.0, -3.0], [0.0, 0.5, 7.0]], np.float32), (3, 1, 1))
-    mirror = np.array([[-1.0, 0.0, 63.0], [0.0, 1.0, 0.0]])  # crop pixel x -> 63 - x: what .flip(-1) does
-    mirrored_matrices = np.stack([np.concatenate([mirror[:, :2] @ m[:, :2], mirror[:, :2] @ m[:, 2:] + mirror[:, 2:]],
-                                                 axis=1) for m in matrices])
+    bbox = (10.0, 20.0, 50.0, 90.0)
+    matrices = np.tile(crop_matrix(bbox, 64), (3, 1, 1))
+    mirrored_matrices = np.tile(crop_matrix(bbox, 64, flip=True), (3, 1, 1))  # crop pixel x -> 63 - x, as .flip(-1)
     perm = flip_permutation(13)
 
     def both(flip_test):
