@@ -115,6 +115,9 @@ class TTPConfig:
     # beyond the paper: weight of the supervised heatmaps' agreement with their mirror image in the TTP loss
     # (`model.objectives.flip_consistency`); 0 = the paper's reconstruction loss alone
     flip_weight: float = 0.0
+    # beyond the paper: weight of self-training toward the flip test's prediction, a sharp Gaussian without gradient
+    # (`model.objectives.mirror_pseudo_labels`); 0 = off
+    pseudo_label_weight: float = 0.0
     amp: str = "auto"  # bf16 autocast of the update step: auto (where the CPU/GPU has native bf16) | bf16 | off
     channels_last: bool = True  # NHWC layout for the person's model copy (faster oneDNN convolutions)
     seed: int = 0
@@ -212,13 +215,18 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.image_size must be a multiple of 32, got {cfg.model.image_size}")
     if cfg.model.decode not in DECODINGS:
         raise ConfigError(f"model.decode must be one of {DECODINGS}, got {cfg.model.decode!r}")
-    if cfg.model.flip_test:
+    mirrored = [key for key, on in (("model.flip_test", cfg.model.flip_test), ("ttp.flip_weight", cfg.ttp.flip_weight),
+                                    ("ttp.pseudo_label_weight", cfg.ttp.pseudo_label_weight)) if on]
+    if mirrored:
         from .transforms import flip_pairs_for
 
         try:
             flip_pairs_for(cfg.model.num_joints)
         except ValueError as exc:
-            raise ConfigError(f"model.flip_test: {exc}") from None
+            raise ConfigError(f"{mirrored[0]}: {exc}") from None
+    for key in ("flip_weight", "pseudo_label_weight"):
+        if getattr(cfg.ttp, key) < 0:
+            raise ConfigError(f"ttp.{key} must be >= 0 (0 = off), got {getattr(cfg.ttp, key)}")
     if cfg.model.warp_sigma and not cfg.model.render_skip:
         raise ConfigError("model.warp_sigma warps the renderer's skip: it needs model.render_skip: true")
     if cfg.loss.perceptual not in ("vgg16", "vgg16_random", "none"):

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from .heatmaps import gaussian_maps, image_to_heatmap
 from .losses import ReconstructionLoss, rotation_loss, supervised_loss
 from .network import PoseTTPNet
-from .predict import mirrored_heatmaps
 
 
 def heatmap_targets(joints: torch.Tensor, image_size: int, sigma: float) -> torch.Tensor:
@@ -65,13 +64,25 @@ def pose_signal(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, target
     return float(own), float(swapped) / max(float(own), 1e-12)
 
 
-def flip_consistency(model: PoseTTPNet, images: torch.Tensor, h_sup: torch.Tensor, perm) -> torch.Tensor:
+def flip_consistency(h_sup: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
     """Label-free agreement of the pose with its mirror image: half the mean squared difference between the
-    supervised heatmaps of `images` (`h_sup`) and those of the mirrored images, mirrored back with left and right
-    swapped (`perm`). A steady sideways offset that a joint shares with its left/right partner shows here as twice
-    itself, where the reconstruction hardly sees it. Lower, flatter maps also lower it: the trust region bounds how
-    far that can go."""
-    return 0.5 * F.mse_loss(h_sup.float(), mirrored_heatmaps(model, images, perm).float())
+    supervised heatmaps of some images (`h_sup`) and those of the mirrored images, mirrored back with left and right
+    swapped (`mirrored`, from `predict.mirrored_heatmaps`). A steady sideways offset that a joint shares with its
+    left/right partner shows here as twice itself, where the reconstruction hardly sees it. Lower, flatter maps
+    also lower it: the trust region bounds how far that can go."""
+    return 0.5 * F.mse_loss(h_sup.float(), mirrored.float())
+
+
+def mirror_pseudo_labels(h_sup: torch.Tensor, mirrored: torch.Tensor, sigma: float, decode) -> torch.Tensor:
+    """Self-training on the mirror ensemble: the heatmaps of each image and of its mirror (mirrored back) are both
+    pulled toward one sharp Gaussian (peak 1, the training targets' `sigma`) at the decoded position of their
+    average. The average is what the flip test predicts, more accurate than either view; the target carries no
+    gradient and stays sharp, so unlike `flip_consistency` lower, flatter maps are no way to lower it, and as the
+    person's weights adapt the target improves with them."""
+    with torch.no_grad():
+        coords, _ = decode(0.5 * (h_sup.float() + mirrored.float()))
+        goal = gaussian_maps(coords, h_sup.shape[-1], sigma)
+    return 0.5 * (F.mse_loss(h_sup.float(), goal) + F.mse_loss(mirrored.float(), goal))
 
 
 def self_weight(model: PoseTTPNet, lam: float, rotation_weight: float) -> float:

@@ -15,7 +15,9 @@ person's copy channels-last with bf16 autocast where the hardware has native bf1
 
 Beyond the paper, `flip_weight` (0 = off, the paper's loss) adds to the reconstruction loss the supervised heatmaps'
 agreement with their mirror image (`objectives.flip_consistency`): steady sideways joint offsets, which the
-reconstruction hardly sees, show there (README, "Which persons lose").
+reconstruction hardly sees, show there (README, "Which persons lose"); `pseudo_label_weight` (0 = off) adds
+self-training toward the flip test's sharp, detached prediction (`objectives.mirror_pseudo_labels`), which lower,
+flatter maps cannot satisfy (README, "Self-training on the mirror").
 
 Label-free safeguards (beyond the paper), two on by default:
 - the pose-signal check: before adapting, swap the keypoints between the frames of a
@@ -48,9 +50,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .config import TTPConfig
 from .losses import ReconstructionLoss
 from .network import PoseTTPNet
-from .objectives import flip_consistency, pose_signal, self_loss
+from .heatmaps import DECODERS
+from .objectives import flip_consistency, mirror_pseudo_labels, pose_signal, self_loss
 from .precision import autocast
-from .predict import predict_crops
+from .predict import mirrored_heatmaps, predict_crops
 from .transforms import flip_permutation
 
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
@@ -130,7 +133,8 @@ class _Adapter:
         self.recon_loss = recon_loss
         self.cfg = cfg
         self.frozen_appearance = "appearance" not in cfg.adapt
-        self.flip_perm = flip_permutation(base.cfg.num_joints) if cfg.flip_weight else None
+        self.mirror_terms = bool(cfg.flip_weight or cfg.pseudo_label_weight)
+        self.flip_perm = flip_permutation(base.cfg.num_joints) if self.mirror_terms else None
         self.seed = seed
         self.rotations = torch.Generator().manual_seed(seed)  # the update steps' draws (rotation variant)
         self.guard_events = 0
@@ -152,11 +156,17 @@ class _Adapter:
         self.good_state = None
 
     def loss(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        out = self.loss_model.pose(target) if self.cfg.flip_weight else {}
+        out = self.loss_model.pose(target) if self.mirror_terms else {}
         loss, _ = self_loss(self.loss_model, self.recon_loss, target, source, h_self=out.get("h_self"),
                             frozen_appearance=self.frozen_appearance, update_means=False, rotations=self.rotations)
-        if self.cfg.flip_weight:
-            loss = loss + self.cfg.flip_weight * flip_consistency(self.loss_model, target, out["h_sup"], self.flip_perm)
+        if self.mirror_terms:
+            h_sup, mirrored = out["h_sup"], mirrored_heatmaps(self.loss_model, target, self.flip_perm)
+            if self.cfg.flip_weight:
+                loss = loss + self.cfg.flip_weight * flip_consistency(h_sup, mirrored)
+            if self.cfg.pseudo_label_weight:
+                cfg = self.loss_model.cfg
+                loss = loss + self.cfg.pseudo_label_weight * mirror_pseudo_labels(h_sup, mirrored, cfg.sigma,
+                                                                                  DECODERS[cfg.decode])
         return loss
 
     def step(self, target: torch.Tensor, source: torch.Tensor) -> float:

@@ -10,7 +10,8 @@ from model.heatmaps import (DECODERS, decode_argmax, decode_dark, gaussian_maps,
 from model.losses import ReconstructionLoss
 from model.metrics import bbc_macc, pck
 from model.network import ConvEncoder, build_model, parameter_counts
-from model.objectives import flip_consistency
+from model.objectives import flip_consistency, mirror_pseudo_labels
+from model.predict import mirrored_heatmaps
 from model.transforms import crop_matrix, flip_permutation
 
 
@@ -307,17 +308,47 @@ def test_flip_consistency_is_zero_exactly_when_the_mirror_agrees_and_pulls_each_
     maps = torch.rand(2, 3, 16, 16)
     maps[:, 2] = maps[:, 1]
     model = _HeatmapsAreTheImage()
-    assert flip_consistency(model, maps, maps, perm).item() == 0.0
+    assert flip_consistency(maps, mirrored_heatmaps(model, maps, perm)).item() == 0.0
     shifted = maps.clone()
     shifted[:, 1] = maps[:, 1].roll(1, dims=-1)  # one side's joint a pixel off sideways: the mirror disagrees
     h = shifted.clone().requires_grad_(True)
-    loss = flip_consistency(model, shifted, h, perm)
+    loss = flip_consistency(h, mirrored_heatmaps(model, shifted, perm))
     assert loss.item() > 1e-3
     loss.backward()
     # each map is pulled toward its mirror's: the gradient of half their mean squared difference; the central joint
     # (its own mirror here) feels no pull
     assert torch.allclose(h.grad, (shifted - shifted[:, perm]) / shifted.numel(), atol=1e-9)
     assert h.grad[:, 0].abs().max() == 0 and h.grad[:, 1].abs().max() > 0
+
+
+def test_mirror_pseudo_labels_pull_both_views_toward_their_average_and_flatter_maps_cannot_satisfy_them():
+    with pytest.raises(ConfigError, match="ttp.pseudo_label_weight: no left/right joint pairs known for 5 joints"):
+        load_config("configs/synth_small.yaml", ["ttp.pseudo_label_weight=100", "model.num_joints=5"])
+    with pytest.raises(ConfigError, match="ttp.pseudo_label_weight must be >= 0"):
+        load_config("configs/synth_small.yaml", ["ttp.pseudo_label_weight=-1"])
+    perm = np.array([0, 2, 1])  # joint 0 central, 1 and 2 a left/right pair
+    # the stand-in's mirror swaps the pair's maps: sharp maps agree with it where the pair's coincide
+    coords = torch.tensor([[[7.5, 5.0], [4.0, 8.0], [4.0, 8.0]]])
+    maps = gaussian_maps(coords, 16, 2.0)
+    model = _HeatmapsAreTheImage()
+    assert mirror_pseudo_labels(maps, mirrored_heatmaps(model, maps, perm), 2.0, decode_dark).item() < 1e-6
+    # flatter maps (half as high) agree with the mirror as well as before, yet miss the sharp target
+    flat = 0.5 * maps
+    assert flip_consistency(flat, mirrored_heatmaps(model, flat, perm)).item() == 0.0
+    assert mirror_pseudo_labels(flat, mirrored_heatmaps(model, flat, perm), 2.0, decode_dark).item() > 1e-2
+
+    shifted = gaussian_maps(torch.tensor([[[7.5, 5.0], [5.0, 8.0], [4.0, 8.0]]]), 16, 2.0)  # joint 1 a pixel right
+    h = shifted.clone().requires_grad_(True)
+    mirrored = mirrored_heatmaps(model, shifted, perm).clone().requires_grad_(True)
+    loss = mirror_pseudo_labels(h, mirrored, 2.0, decode_dark)
+    loss.backward()
+    # both views are pulled toward one target, half-way between where they put the joint (x 5 and 4)...
+    goal = gaussian_maps(decode_dark(0.5 * (shifted + mirrored.detach()))[0], 16, 2.0)
+    assert decode_dark(goal)[0][0, 1, 0].item() == pytest.approx(4.5, abs=0.1)
+    # ... which carries no gradient: each view's gradient is its own distance to it, and the agreeing joints feel none
+    assert torch.allclose(h.grad * h.numel(), h.detach() - goal, atol=1e-6)
+    assert torch.allclose(mirrored.grad * h.numel(), mirrored.detach() - goal, atol=1e-6)
+    assert h.grad[:, 0].abs().max() < 1e-9 and h.grad[:, 1].abs().max() * h.numel() > 0.1
 
 
 def test_each_joint_set_mirrors_with_its_own_pairs():

@@ -53,12 +53,12 @@ def setup():
     return cfg, model, recon, crops, matrices, groups
 
 
-@pytest.mark.parametrize("flip_weight", [0.0, 100.0])
-def test_only_encoder_and_self_head_non_norm_parameters_change(setup, flip_weight):
-    """Also with the flip-consistency term, whose gradient reaches the encoder through the frozen pose head."""
+@pytest.mark.parametrize("mirror_term", [{}, {"flip_weight": 100.0}, {"pseudo_label_weight": 100.0}])
+def test_only_encoder_and_self_head_non_norm_parameters_change(setup, mirror_term):
+    """Also with the mirror terms, whose gradients reach the encoder through the frozen pose head."""
     cfg, model, recon, crops, matrices, groups = setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ttp = dataclasses.replace(cfg.ttp, flip_weight=flip_weight)
+    ttp = dataclasses.replace(cfg.ttp, **mirror_term)
     result = personalize(model, recon, crops, matrices, groups, ttp, "offline", seed=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "base model was modified"
     adapted = {n for n, _ in adaptable_parameters(model, cfg.ttp.adapt)}
@@ -276,10 +276,11 @@ def test_online_with_cross_video_sources_never_looks_at_future_frames(setup):
     assert not np.array_equal(a.predictions[7:], same_video.predictions[7:])  # video 1 also learnt from video 0
 
 
-def test_flip_term_changes_the_update_and_keeps_the_base_free_of_it(setup):
+@pytest.mark.parametrize("mirror_term", ["flip_weight", "pseudo_label_weight"])
+def test_mirror_terms_change_the_update_and_keep_the_base_free_of_them(setup, mirror_term):
     cfg, model, recon, crops, matrices, groups = setup
     plain = personalize(model, recon, crops, matrices, groups, cfg.ttp, "offline", seed=0).state
-    ttp = dataclasses.replace(cfg.ttp, flip_weight=100.0)
-    flipped = personalize(model, recon, crops, matrices, groups, ttp, "offline", seed=0).state
-    assert any(not torch.equal(plain[k], flipped[k]) for k in plain if k.startswith("encoder."))
-    assert all(torch.equal(plain[k], flipped[k]) for k in plain if k.startswith(("sup_head.", "renderer.")))
+    ttp = dataclasses.replace(cfg.ttp, **{mirror_term: 100.0})
+    with_term = personalize(model, recon, crops, matrices, groups, ttp, "offline", seed=0).state
+    assert any(not torch.equal(plain[k], with_term[k]) for k in plain if k.startswith("encoder."))
+    assert all(torch.equal(plain[k], with_term[k]) for k in plain if k.startswith(("sup_head.", "renderer.")))
