@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import TTPConfig
+from .heatmaps import DECODERS
 from .losses import ReconstructionLoss
 from .network import PoseTTPNet
-from .heatmaps import DECODERS
 from .objectives import flip_consistency, mirror_pseudo_labels, pose_signal, self_loss
 from .precision import autocast
 from .predict import mirrored_heatmaps, predict_crops
@@ -164,9 +164,9 @@ class _Adapter:
             if self.cfg.flip_weight:
                 loss = loss + self.cfg.flip_weight * flip_consistency(h_sup, mirrored)
             if self.cfg.pseudo_label_weight:
-                cfg = self.loss_model.cfg
-                loss = loss + self.cfg.pseudo_label_weight * mirror_pseudo_labels(h_sup, mirrored, cfg.sigma,
-                                                                                  DECODERS[cfg.decode])
+                model_cfg = self.loss_model.cfg
+                loss = loss + self.cfg.pseudo_label_weight * mirror_pseudo_labels(h_sup, mirrored, model_cfg.sigma,
+                                                                                  DECODERS[model_cfg.decode])
         return loss
 
     def step(self, target: torch.Tensor, source: torch.Tensor) -> float:
