@@ -19,7 +19,7 @@ SETTINGS = [("default TTP", "default", DOCS / "trust_region/default/per_person.j
             ("pseudo-labels (300)", "pseudo-labels", DOCS / "pseudo/per_person.json", "7d9f0ed2")]
 
 
-def test_gains(path: Path, tag: str, scenario: str) -> np.ndarray:
+def gains_on_test_persons(path: Path, tag: str, scenario: str) -> np.ndarray:
     runs = json.loads(path.read_text())
     gains = []
     for seed in range(3):
@@ -36,7 +36,7 @@ def main() -> None:
         for row, persons in enumerate(("test", "fresh")):
             ax = axes[row, col]
             for label, fresh_key, path, tag in SETTINGS:
-                gains = test_gains(path, tag, scenario) if persons == "test" else np.array(fresh[scenario][fresh_key])
+                gains = gains_on_test_persons(path, tag, scenario) if persons == "test" else np.array(fresh[scenario][fresh_key])
                 ax.plot(np.sort(gains), label=f"{label}: {gains.mean():+.2f}, {int((gains < -1).sum())} lose > 1")
             ax.axhline(0, color="k", lw=0.6)
             ax.axhline(-1, color="k", lw=0.6, ls=":")
