@@ -36,7 +36,10 @@ def main() -> None:
         for row, persons in enumerate(("test", "fresh")):
             ax = axes[row, col]
             for label, fresh_key, path, tag in SETTINGS:
-                gains = gains_on_test_persons(path, tag, scenario) if persons == "test" else np.array(fresh[scenario][fresh_key])
+                if persons == "test":
+                    gains = gains_on_test_persons(path, tag, scenario)
+                else:
+                    gains = np.array(fresh[scenario][fresh_key])
                 ax.plot(np.sort(gains), label=f"{label}: {gains.mean():+.2f}, {int((gains < -1).sum())} lose > 1")
             ax.axhline(0, color="k", lw=0.6)
             ax.axhline(-1, color="k", lw=0.6, ls=":")
