@@ -118,6 +118,8 @@ class TTPConfig:
     # beyond the paper: weight of self-training toward the flip test's prediction, a sharp Gaussian without gradient
     # (`model.objectives.mirror_pseudo_labels`); 0 = off
     pseudo_label_weight: float = 0.0
+    # pseudo-labels only for joints whose two views decode at most this many heatmap pixels apart; 0 = every joint
+    pseudo_label_agreement: float = 0.0
     amp: str = "auto"  # bf16 autocast of the update step: auto (where the CPU/GPU has native bf16) | bf16 | off
     channels_last: bool = True  # NHWC layout for the person's model copy (faster oneDNN convolutions)
     seed: int = 0
@@ -224,7 +226,7 @@ def _validate(cfg: Config) -> None:
             flip_pairs_for(cfg.model.num_joints)
         except ValueError as exc:
             raise ConfigError(f"{mirrored[0]}: {exc}") from None
-    for key in ("flip_weight", "pseudo_label_weight"):
+    for key in ("flip_weight", "pseudo_label_weight", "pseudo_label_agreement"):
         if getattr(cfg.ttp, key) < 0:
             raise ConfigError(f"ttp.{key} must be >= 0 (0 = off), got {getattr(cfg.ttp, key)}")
     if cfg.model.warp_sigma and not cfg.model.render_skip:

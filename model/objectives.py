@@ -73,16 +73,26 @@ def flip_consistency(h_sup: torch.Tensor, mirrored: torch.Tensor) -> torch.Tenso
     return 0.5 * F.mse_loss(h_sup.float(), mirrored.float())
 
 
-def mirror_pseudo_labels(h_sup: torch.Tensor, mirrored: torch.Tensor, sigma: float, decode) -> torch.Tensor:
+def mirror_pseudo_labels(h_sup: torch.Tensor, mirrored: torch.Tensor, sigma: float, decode,
+                         agreement: float = 0.0) -> torch.Tensor:
     """Self-training on the mirror ensemble: the heatmaps of each image and of its mirror (mirrored back) are both
     pulled toward one sharp Gaussian (peak 1, the training targets' `sigma`) at the decoded position of their
     average. The average is what the flip test predicts, more accurate than either view; the target carries no
     gradient and stays sharp, so unlike `flip_consistency` lower, flatter maps are no way to lower it, and as the
-    person's weights adapt the target improves with them."""
+    person's weights adapt the target improves with them.
+
+    `agreement` > 0 keeps only the joints whose two views decode at most that many heatmap pixels apart: where the
+    views disagree, their average is a guess between two poses, and a pseudo-label there teaches the guess."""
     with torch.no_grad():
         coords, _ = decode(0.5 * (h_sup.float() + mirrored.float()))
         goal = gaussian_maps(coords, h_sup.shape[-1], sigma)
-    return 0.5 * (F.mse_loss(h_sup.float(), goal) + F.mse_loss(mirrored.float(), goal))
+        keep = torch.ones(coords.shape[:2], device=coords.device)
+        if agreement:
+            own, _ = decode(h_sup.float())
+            other, _ = decode(mirrored.float())
+            keep = ((own - other).norm(dim=-1) <= agreement).float()
+    error = (h_sup.float() - goal).square() + (mirrored.float() - goal).square()
+    return 0.5 * (error.mean((-2, -1)) * keep).mean()
 
 
 def self_weight(model: PoseTTPNet, lam: float, rotation_weight: float) -> float:

@@ -165,8 +165,8 @@ class _Adapter:
                 loss = loss + self.cfg.flip_weight * flip_consistency(h_sup, mirrored)
             if self.cfg.pseudo_label_weight:
                 model_cfg = self.loss_model.cfg
-                loss = loss + self.cfg.pseudo_label_weight * mirror_pseudo_labels(h_sup, mirrored, model_cfg.sigma,
-                                                                                  DECODERS[model_cfg.decode])
+                loss = loss + self.cfg.pseudo_label_weight * mirror_pseudo_labels(
+                    h_sup, mirrored, model_cfg.sigma, DECODERS[model_cfg.decode], self.cfg.pseudo_label_agreement)
         return loss
 
     def step(self, target: torch.Tensor, source: torch.Tensor) -> float:

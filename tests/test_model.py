@@ -349,6 +349,13 @@ def test_mirror_pseudo_labels_pull_both_views_toward_their_average_and_flatter_m
     assert torch.allclose(h.grad * h.numel(), h.detach() - goal, atol=1e-6)
     assert torch.allclose(mirrored.grad * h.numel(), mirrored.detach() - goal, atol=1e-6)
     assert h.grad[:, 0].abs().max() < 1e-9 and h.grad[:, 1].abs().max() * h.numel() > 0.1
+    # with an agreement radius below the views' 1-pixel disagreement, joint 1 gets no pseudo-label; above it, it does
+    for agreement, pulled in ((0.5, False), (1.5, True)):
+        h.grad = None
+        mirror_pseudo_labels(h, mirrored, 2.0, decode_dark, agreement).backward()
+        assert (h.grad[:, 1].abs().max().item() > 1e-6) == pulled
+    with pytest.raises(ConfigError, match="ttp.pseudo_label_agreement must be >= 0"):
+        load_config("configs/synth_small.yaml", ["ttp.pseudo_label_agreement=-1"])
 
 
 def test_each_joint_set_mirrors_with_its_own_pairs():
