@@ -229,6 +229,9 @@ def _validate(cfg: Config) -> None:
     for key in ("flip_weight", "pseudo_label_weight", "pseudo_label_agreement"):
         if getattr(cfg.ttp, key) < 0:
             raise ConfigError(f"ttp.{key} must be >= 0 (0 = off), got {getattr(cfg.ttp, key)}")
+    if cfg.ttp.pseudo_label_agreement and not cfg.ttp.pseudo_label_weight:
+        raise ConfigError("ttp.pseudo_label_agreement gates the pseudo-labels of ttp.pseudo_label_weight, which is 0: "
+                          "set both")
     if cfg.model.warp_sigma and not cfg.model.render_skip:
         raise ConfigError("model.warp_sigma warps the renderer's skip: it needs model.render_skip: true")
     if cfg.loss.perceptual not in ("vgg16", "vgg16_random", "none"):

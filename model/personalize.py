@@ -18,7 +18,8 @@ agreement with their mirror image (`objectives.flip_consistency`): steady sidewa
 reconstruction hardly sees, show there (README, "Which persons lose"); `pseudo_label_weight` (0 = off) adds
 self-training toward the flip test's sharp, detached prediction (`objectives.mirror_pseudo_labels`), which lower,
 flatter maps cannot satisfy (README, "Self-training on the mirror"), only for the joints whose two views agree
-within `pseudo_label_agreement` heatmap pixels when that is set (README, "Pseudo-labels only where the views agree").
+within `pseudo_label_agreement` heatmap pixels when that is set (README, "Pseudo-labels only where the two views
+agree").
 
 Label-free safeguards (beyond the paper), two on by default:
 - the pose-signal check: before adapting, swap the keypoints between the frames of a

@@ -355,7 +355,9 @@ def test_mirror_pseudo_labels_pull_both_views_toward_their_average_and_flatter_m
         mirror_pseudo_labels(h, mirrored, 2.0, decode_dark, agreement).backward()
         assert (h.grad[:, 1].abs().max().item() > 1e-6) == pulled
     with pytest.raises(ConfigError, match="ttp.pseudo_label_agreement must be >= 0"):
-        load_config("configs/synth_small.yaml", ["ttp.pseudo_label_agreement=-1"])
+        load_config("configs/synth_small.yaml", ["ttp.pseudo_label_weight=300", "ttp.pseudo_label_agreement=-1"])
+    with pytest.raises(ConfigError, match="ttp.pseudo_label_agreement gates the pseudo-labels"):
+        load_config("configs/synth_small.yaml", ["ttp.pseudo_label_agreement=0.5"])
 
 
 def test_each_joint_set_mirrors_with_its_own_pairs():
