@@ -83,15 +83,14 @@ def mirror_pseudo_labels(h_sup: torch.Tensor, mirrored: torch.Tensor, sigma: flo
 
     `agreement` > 0 keeps only the joints whose two views decode at most that many heatmap pixels apart: where the
     views disagree, their average is a guess between two poses, and a pseudo-label there teaches the guess."""
+    own, other = h_sup.float(), mirrored.float()
     with torch.no_grad():
-        coords, _ = decode(0.5 * (h_sup.float() + mirrored.float()))
-        goal = gaussian_maps(coords, h_sup.shape[-1], sigma)
-        keep = torch.ones(coords.shape[:2], device=coords.device)
+        coords, _ = decode(0.5 * (own + other))
+        goal = gaussian_maps(coords, own.shape[-1], sigma)
+        keep = 1.0
         if agreement:
-            own, _ = decode(h_sup.float())
-            other, _ = decode(mirrored.float())
-            keep = ((own - other).norm(dim=-1) <= agreement).float()
-    error = (h_sup.float() - goal).square() + (mirrored.float() - goal).square()
+            keep = ((decode(own)[0] - decode(other)[0]).norm(dim=-1) <= agreement).float()
+    error = (own - goal).square() + (other - goal).square()
     return 0.5 * (error.mean((-2, -1)) * keep).mean()
 
 
