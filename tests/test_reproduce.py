@@ -50,6 +50,8 @@ def test_table1_trains_every_variant_and_resumes_from_its_cache(toy):
         assert set(row) == ({"none"} if variant == "baseline" else {"none", "online", "offline"})
         assert 0 <= row["none"]["pck@0.2_mean"] <= 1
     assert result["transformer"]["offline"]["pairs"] == 2  # 2 test persons x 1 seed, paired
+    assert result["transformer"]["offline"]["persons"] == 2
+    assert "- transformer offline: each person's gain (mean over seeds)" in printed
     assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 2
     cached = sorted((out / "models").glob("*/model.safetensors")) + sorted((out / "evals").glob("*.json"))
     assert len(cached) == 4 + 1 + 3 * 3  # models; baseline w/o TTP, 3 variants x 3 scenarios

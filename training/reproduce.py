@@ -176,13 +176,25 @@ def paired(a: dict, b: dict, key: str = "pck@0.2") -> np.ndarray:
     return np.array([r[key] - da[r["person_id"]] for r in b["persons"]])
 
 
+def gains_per_person(pairs: list[tuple[dict, dict]], key: str = "pck@0.2") -> dict[str, float]:
+    """Each person's gain averaged over the (without, with) evaluation pairs of the training seeds. A person x seed
+    pair that loses a point mostly gains on the other seeds (README, "Which persons lose"): whether TTP hurts a
+    person is this mean, and both counts are reported."""
+    gains: dict[str, list[float]] = {}
+    for without, with_ in pairs:
+        before = {r["person_id"]: r[key] for r in without["persons"]}
+        for r in with_["persons"]:
+            gains.setdefault(r["person_id"], []).append(r[key] - before[r["person_id"]])
+    return {person: float(np.mean(g)) for person, g in gains.items()}
+
+
 def mean_std(values) -> str:
     values = np.asarray(values, dtype=float) * 100
     return f"{values.mean():.1f} ± {values.std():.1f}" if len(values) > 1 else f"{values.mean():.1f}"
 
 
 def table1(exp: Experiment) -> dict:
-    results, lines = {}, []
+    results, lines, spread = {}, [], []
     seeds = range(exp.seeds)
     base_means = [np.mean([r["pck@0.2"] for r in exp.evaluation("baseline", s, "none")["persons"]]) for s in seeds]
     lines.append("| method | w/o TTP | online TTP | offline TTP |")
@@ -199,12 +211,20 @@ def table1(exp: Experiment) -> dict:
             entry = {"pck@0.2_mean": float(np.mean(means)), "pck@0.2_std": float(np.std(means)),
                      "per_seed": [float(m) for m in means], "vs_baseline": float(delta_base)}
             if scenario != "none":
-                diffs = np.concatenate([paired(exp.evaluation(variant, s, "none"), e) for s, e in zip(seeds, evals)])
+                without = [exp.evaluation(variant, s, "none") for s in seeds]
+                diffs = np.concatenate([paired(w, e) for w, e in zip(without, evals)])
+                person = np.array(list(gains_per_person(list(zip(without, evals))).values()))
                 entry.update(gain_mean=float(diffs.mean()), gain_se=float(diffs.std(ddof=1) / np.sqrt(len(diffs))),
                              gain_min=float(diffs.min()), gain_max=float(diffs.max()),
                              persons_worse_1pck=int((diffs < -0.01).sum()), pairs=int(len(diffs)),
+                             person_gain_min=float(person.min()), person_gain_max=float(person.max()),
+                             persons_worse_1pck_over_seeds=int((person < -0.01).sum()), persons=int(len(person)),
                              guard_events=int(sum(r.get("ttp", {}).get("guard_events", 0)
                                                   for e in evals for r in e["persons"])))
+                spread.append(f"{variant} {scenario}: each person's gain (mean over seeds) "
+                              f"{entry['person_gain_min'] * 100:+.1f} to {entry['person_gain_max'] * 100:+.1f}, "
+                              f"{entry['persons_worse_1pck_over_seeds']} of {len(person)} persons lose > 1 point; "
+                              f"{entry['persons_worse_1pck']} of {len(diffs)} person x seed pairs do")
             row[scenario] = entry
             cell = f"{mean_std(means)} ({delta_base * 100:+.1f})"
             if scenario != "none":
@@ -216,6 +236,7 @@ def table1(exp: Experiment) -> dict:
     lines.append(f"PCK@0.2 (%) on {len(exp.test_persons())} unseen test persons, mean ± std over {exp.seeds} "
                  "training seeds; (+Δ) vs baseline; [TTP gain] = paired per-person gain over the same model "
                  "without TTP, mean ± standard error over persons × seeds.")
+    lines += ["", "Per-person spread of the TTP gain (PCK@0.2 points):", *(f"- {line}" for line in spread)]
     return {"results": results, "markdown": "\n".join(lines)}
 
 
