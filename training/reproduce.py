@@ -178,8 +178,8 @@ def paired(a: dict, b: dict, key: str = "pck@0.2") -> np.ndarray:
 
 def gains_per_person(pairs: list[tuple[dict, dict]], key: str = "pck@0.2") -> dict[str, float]:
     """Each person's gain averaged over the (without, with) evaluation pairs of the training seeds. A person x seed
-    pair that loses a point mostly gains on the other seeds (README, "Which persons lose"): whether TTP hurts a
-    person is this mean, and both counts are reported."""
+    pair that loses a point mostly gains on the other seeds (README, "Pseudo-labels only where the two views
+    agree"): whether TTP hurts a person is this mean; table1 reports both counts."""
     gains: dict[str, list[float]] = {}
     for without, with_ in pairs:
         before = {r["person_id"]: r[key] for r in without["persons"]}
