@@ -236,7 +236,8 @@ def table1(exp: Experiment) -> dict:
     lines.append(f"PCK@0.2 (%) on {len(exp.test_persons())} unseen test persons, mean ± std over {exp.seeds} "
                  "training seeds; (+Δ) vs baseline; [TTP gain] = paired per-person gain over the same model "
                  "without TTP, mean ± standard error over persons × seeds.")
-    lines += ["", "Per-person spread of the TTP gain (PCK@0.2 points):", *(f"- {line}" for line in spread)]
+    if spread:  # none with --variants baseline
+        lines += ["", "Per-person spread of the TTP gain (PCK@0.2 points):", *(f"- {line}" for line in spread)]
     return {"results": results, "markdown": "\n".join(lines)}
 
 
