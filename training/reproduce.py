@@ -182,9 +182,8 @@ def gains_per_person(pairs: list[tuple[dict, dict]], key: str = "pck@0.2") -> di
     agree"): whether TTP hurts a person is this mean; table1 reports both counts."""
     gains: dict[str, list[float]] = {}
     for without, with_ in pairs:
-        before = {r["person_id"]: r[key] for r in without["persons"]}
-        for r in with_["persons"]:
-            gains.setdefault(r["person_id"], []).append(r[key] - before[r["person_id"]])
+        for r, gain in zip(with_["persons"], paired(without, with_, key)):
+            gains.setdefault(r["person_id"], []).append(gain)
     return {person: float(np.mean(g)) for person, g in gains.items()}
 
 
@@ -201,6 +200,7 @@ def table1(exp: Experiment) -> dict:
     lines.append("| --- | --- | --- | --- |")
     for variant in exp.variants:
         row, cells = {}, []
+        without = [exp.evaluation(variant, s, "none") for s in seeds]
         for scenario in SCENARIOS:
             if variant == "baseline" and scenario != "none":
                 cells.append("–")
@@ -211,7 +211,6 @@ def table1(exp: Experiment) -> dict:
             entry = {"pck@0.2_mean": float(np.mean(means)), "pck@0.2_std": float(np.std(means)),
                      "per_seed": [float(m) for m in means], "vs_baseline": float(delta_base)}
             if scenario != "none":
-                without = [exp.evaluation(variant, s, "none") for s in seeds]
                 diffs = np.concatenate([paired(w, e) for w, e in zip(without, evals)])
                 person = np.array(list(gains_per_person(list(zip(without, evals))).values()))
                 entry.update(gain_mean=float(diffs.mean()), gain_se=float(diffs.std(ddof=1) / np.sqrt(len(diffs))),
