@@ -205,7 +205,7 @@ def table1(exp: Experiment) -> dict:
             if variant == "baseline" and scenario != "none":
                 cells.append("–")
                 continue
-            evals = [exp.evaluation(variant, s, scenario) for s in seeds]
+            evals = without if scenario == "none" else [exp.evaluation(variant, s, scenario) for s in seeds]
             means = [np.mean([r["pck@0.2"] for r in e["persons"]]) for e in evals]
             delta_base = np.mean(means) - np.mean(base_means)
             entry = {"pck@0.2_mean": float(np.mean(means)), "pck@0.2_std": float(np.std(means)),
