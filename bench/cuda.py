@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from model.config import load_config
-from model.network import build_model
 from model.personalize import _Adapter
 from model.predict import predict_crops
-from training.loop import build_recon_loss, make_optimizer, to_training_layout, train_step
+from core.checkpoints import build_recon_loss
+from training.loop import build_training, train_step
 
 from .common import machine, median_ms
 
@@ -35,12 +35,9 @@ def random_batch(cfg, batch_size: int) -> dict:
 
 
 def measure(name: str, device: torch.device, amp: str, repeats: int) -> dict:
-    cfg = load_config(CONFIGS[name], [f"train.amp={amp}", f"ttp.amp={amp}"])
-    torch.manual_seed(0)
-    model = to_training_layout(build_model(cfg.model).to(device)).train()
-    recon = build_recon_loss(model, cfg)
-    recon = recon.to(device) if recon is not None else None
-    optimizer = make_optimizer(model, cfg)
+    # train.threads=0: torch's default thread count, the whole CPU against the GPU (synth_small asks for one)
+    cfg = load_config(CONFIGS[name], [f"train.amp={amp}", f"ttp.amp={amp}", "train.threads=0"])
+    model, recon, optimizer = build_training(cfg, device)
     batch = random_batch(cfg, cfg.train.batch_size)
     row = {"train_batch": cfg.train.batch_size,
            "train_step_ms": median_ms(lambda: train_step(model, recon, optimizer, batch, 0, cfg), repeats)}

@@ -16,7 +16,9 @@ from model.checkpoint import load_checkpoint
 from model.delta import apply_delta, dequantize, deltable_keys, encode_delta, extract_delta, quantize
 from model.personalize import personalize
 from model.predict import predict_crops
-from training.evaluate import labeled_person_frames, model_with_loss, score
+from core.frames import labeled_person_frames
+from core.checkpoints import model_with_loss
+from core.scoring import score
 
 from .common import always_adapting
 
@@ -49,7 +51,7 @@ def run(checkpoint: str, data: str, persons: int, out_png: str | None = None) ->
     ck_bytes = sum((Path(checkpoint) / f).stat().st_size for f in ("model.safetensors",))
     base = model.state_dict()
     keys = deltable_keys(base, {n for n, _ in model.named_parameters()})
-    from data.pairs import prepare_frames
+    from core.crops import prepare_frames
 
     methods: dict[str, list] = {}
     sizes: dict[str, list] = {}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from posettp.procs import MarkedTreeRss, flower_env, stop_marked
-from training.evaluate import model_with_loss
+from core.checkpoints import model_with_loss
 
 from .common import always_adapting
 

@@ -25,13 +25,11 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
-
 from bench.common import machine
 from model.config import load_config
-from model.network import build_model
 from training.data import batch_stream, load_worker_frames
-from training.loop import build_recon_loss, make_optimizer, seed_everything, to_training_layout, train_step
+from core.checkpoints import build_recon_loss
+from training.loop import build_training, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "configs/synth_small.yaml"
@@ -39,17 +37,9 @@ CONFIG = "configs/synth_small.yaml"
 
 def plain_step_times(cfg, steps: int, warmup: int, device: str = "cpu") -> tuple[list[float], list[float]]:
     """The loop as a local run does it (no Ray, no DDP, this process): (wall, process CPU) seconds per step."""
-    seed_everything(cfg.train.seed)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    model = to_training_layout(build_model(cfg.model)).to(device)
-    recon = build_recon_loss(model, cfg)
-    if recon is not None:
-        recon.to(device)
-    optimizer = make_optimizer(model, cfg)
+    model, recon, optimizer = build_training(cfg, device)
     frames, _ = load_worker_frames(cfg.data.url, cfg.data.train_split, 0, 1)
     batches = batch_stream(frames, cfg, rank=0, start_step=0, pin_memory=device != "cpu")
-    model.train()
     wall, cpu = [], []
     for step in range(warmup + steps):
         t0, c0 = time.perf_counter(), time.process_time()

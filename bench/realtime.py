@@ -61,10 +61,12 @@ def summary(pure: np.ndarray, real: np.ndarray) -> dict:
 
 def with_pck(checkpoint: str, data: str, persons: int = 4, fps: float = 15.0) -> dict:
     """Latency percentiles pooled over `persons` test persons, and mean PCK@0.2: none / synchronous / real-time."""
-    from data.pairs import prepare_frames
+    from core.crops import prepare_frames
     from model.checkpoint import load_checkpoint
     from model.personalize import personalize
-    from training.evaluate import labeled_person_frames, model_with_loss, score
+    from core.frames import labeled_person_frames
+    from core.checkpoints import model_with_loss
+    from core.scoring import score
 
     ck = load_checkpoint(checkpoint)
     model, recon = model_with_loss(ck)
@@ -98,7 +100,7 @@ def main() -> None:
         return
     from model.config import load_config
     from model.network import build_model
-    from training.loop import build_recon_loss
+    from core.checkpoints import build_recon_loss
 
     cfg = load_config("configs/synth_small.yaml")  # untrained weights, random frames: latency only
     model = build_model(cfg.model).eval()

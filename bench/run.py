@@ -53,22 +53,26 @@ def trained_model(checkpoint: str | None, data: str | None) -> tuple[str, str]:
 def online_and_offline(checkpoint: str, data: str, persons: int = 4) -> dict:
     """Online frames/s and offline s/person of the product step, and of the same step in fp32 with the standard
     layout (amp off, channels_last off) on the same persons: the speed ratio, and whether PCK is the same."""
-    from data.pairs import prepare_frames
+    from core.crops import prepare_frames
+    from model.augment import Augmentation
     from model.checkpoint import load_checkpoint
     from model.personalize import personalize
-    from training.evaluate import labeled_person_frames, model_with_loss, score
+    from core.frames import labeled_person_frames
+    from core.checkpoints import model_with_loss
+    from core.scoring import score
 
     ck = load_checkpoint(checkpoint)
     model, recon = model_with_loss(ck)
     steps = {"": always_adapting(ck.config.ttp)}
     steps["_fp32"] = replace(steps[""], amp="off", channels_last=False)
+    augment = Augmentation.from_data(ck.config.data)  # the augmentation the model was trained with
     rows: dict[str, list] = {}
     for frames in list(labeled_person_frames(data, "test", persons).values()):
         crops, matrices, groups = prepare_frames(frames, ck.config.model.image_size)
         for suffix, ttp in steps.items():
             for scenario in ("online", "offline"):
                 t0 = time.perf_counter()
-                result = personalize(model, recon, crops, matrices, groups, ttp, scenario)
+                result = personalize(model, recon, crops, matrices, groups, ttp, scenario, augment=augment)
                 seconds = time.perf_counter() - t0
                 rows.setdefault(f"online_fps_small{suffix}" if scenario == "online" else
                                 f"offline_s_per_person{suffix}", []).append(

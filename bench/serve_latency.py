@@ -30,7 +30,8 @@ from bench.common import machine  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.predict import predict_crops  # noqa: E402
 from server.auth import add_token  # noqa: E402
-from server.registry import BaseModelInfo, DeltaStore  # noqa: E402
+from store.policy import DeltaPolicy  # noqa: E402
+from store.deltas import DeltaStore  # noqa: E402
 from tests.fixtures_serve import (ServeProcess, make_checkpoint, make_delta, make_image,  # noqa: E402
                                   session_processes, write_serve_config)
 
@@ -81,12 +82,11 @@ def run(args) -> dict:
     ck, store = str(root / "ck"), str(root / "store")
     make_checkpoint(ck, image_size=args.image_size, config=args.config)
     base = load_checkpoint(ck)
-    info = BaseModelInfo.from_model(base.model, base.sha256)
-    st = DeltaStore(store)
+    st = DeltaStore(store, DeltaPolicy.for_checkpoint(base))
     persons = [f"p{i:04d}" for i in range(args.persons)]
     t0 = time.time()
     for i, pid in enumerate(persons):
-        st.file_delta(pid, make_delta(base.model, base.sha256, pid, seed=i, dtype="int8"), info)
+        st.file_delta(pid, make_delta(base.model, base.sha256, pid, seed=i, dtype="int8"))
     setup_s = time.time() - t0
     tokens = {pid: add_token(str(root / "store/auth/tokens.json"), pid) for pid in persons} if args.auth else None
     size = args.image_size or base.config.model.image_size

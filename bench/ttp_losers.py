@@ -34,14 +34,14 @@ import torch
 from tqdm import tqdm
 
 from bench.ttp_direction import rows_of_every_seed, run_arguments, transformer_setup
-from data.pairs import prepare_frames
+from core.crops import prepare_frames
 from model.config import apply_overrides, from_dict
 from model.delta import apply_delta, extract_delta
 from model.objectives import pose_signal
 from model.personalize import personalize, probe_pairs
 from model.predict import predict_crops
 from model.transforms import flip_permutation
-from training.evaluate import score
+from core.scoring import score
 
 FRESH_PAIR_SEED = 424242  # the fresh pairs' generator: no TTP seed draws them
 # crop-to-crop views for the augmentation gap: (zoom, rotation degrees, shift in crop px)

@@ -25,7 +25,7 @@ from model.config import load_config
 from model.network import build_model
 from model.personalize import _Adapter, adaptable_parameters
 from model.precision import use_bf16
-from training.loop import build_recon_loss
+from core.checkpoints import build_recon_loss
 
 from .common import machine, median_ms
 

@@ -6,22 +6,24 @@ Where the frames come from (they never leave the node):
   `flower-supernode ... --node-config 'person-id="alice" data-path="/data/alice"'`;
 - simulation: node config `partition-id` -> the i-th test person of the run config `data` shards.
 
-The reply carries the delta, a few numbers and a status (client/protocol.py); a node
+The reply carries the delta, a few numbers and a status (`store.protocol`); a node
 whose data is missing or unreadable answers with `state=error` and the reason instead of
 crashing the round.
 """
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.protocol import (BaseMismatch, blob_record, checkpoint_from_records, metric_record)
-from client.ttp_job import peak_rss_mb, run_ttp
+from core.frames import FramesUnavailable, load_person_frames
+from data.shards import list_persons
+from store.protocol import BaseMismatch, blob_record, checkpoint_from_records, metric_record
+
+from .ttp_job import peak_rss_mb, run_ttp
 
 log = logging.getLogger("posettp.client")
 
@@ -32,40 +34,14 @@ class NodeDataError(ValueError):
     """This node cannot produce its person's frames."""
 
 
-def _is_shards(path: str) -> bool:
-    """A remote URL, or a local directory with a shards manifest (an image folder has none)."""
-    if "://" in path and not path.startswith("file://"):
-        return True
-    local = path[len("file://"):] if path.startswith("file://") else path
-    return os.path.isfile(os.path.join(local, "manifest.json"))
-
-
 def load_node_frames(data_path: str, person_id: str, num_joints: int) -> list:
     """The person's frames from a shards URL, an image folder or a video file."""
     if not data_path:
         raise NodeDataError("node config has no data-path")
     try:
-        if _is_shards(data_path):
-            from data.shards import load_frames
-
-            frames = load_frames(data_path, person=person_id)
-        elif os.path.isdir(data_path):
-            from data.sources import load_folder
-
-            frames = load_folder(data_path, person_id, num_joints)
-        elif os.path.isfile(data_path):
-            from data.sources import load_video
-
-            frames = load_video(data_path, person_id, num_joints)
-        else:
-            raise NodeDataError(f"data-path {data_path!r} does not exist")
-    except NodeDataError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise NodeDataError(f"cannot read data-path {data_path!r}: {exc}") from exc
-    if not frames:
-        raise NodeDataError(f"data-path {data_path!r} holds no frames for person {person_id!r}")
-    return frames
+        return load_person_frames(data_path, person_id, num_joints)
+    except FramesUnavailable as exc:
+        raise NodeDataError(f"data-path: {exc}") from exc
 
 
 def resolve_person(context: Context, num_joints: int) -> tuple[str, list]:
@@ -80,8 +56,6 @@ def resolve_person(context: Context, num_joints: int) -> tuple[str, list]:
         url = str(context.run_config.get("data", ""))
         if not url:
             raise NodeDataError("simulation needs the run config key `data` (test shards URL)")
-        from data.shards import list_persons
-
         try:
             persons = list_persons(url, "test")
         except (OSError, ValueError) as exc:

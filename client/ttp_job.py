@@ -11,6 +11,8 @@ import logging
 import resource
 import time
 
+from core.checkpoints import model_with_loss
+from core.crops import prepare_frames
 from model.checkpoint import Checkpoint
 from model.config import TTPConfig
 from model.delta import deltable_keys, encode_delta, extract_delta
@@ -29,15 +31,11 @@ def run_ttp(checkpoint: Checkpoint, frames: list, scenario: str, cfg_ttp: TTPCon
             person_id: str, dtype: str, device: str | None = None) -> tuple[bytes, dict, TTPResult]:
     """Personalize the checkpoint's model on one person's frames.
 
-    Returns (delta bytes, metrics, TTPResult). The delta is the safetensors
-    encoding of DESIGN §5 (encoder.* / self_head.* changes only, base sha256 of
-    `checkpoint.sha256`); it holds no tensors when nothing changed (e.g. the
+    Returns (delta bytes, metrics, TTPResult). The delta is `model.delta`'s safetensors
+    encoding (encoder.* / self_head.* changes only, base sha256 of `checkpoint.sha256`); it holds no tensors when nothing changed (e.g. the
     guard rolled back to the base), which `metrics["delta_tensors"] == 0` says.
     The checkpoint's model is not modified.
     """
-    from data.pairs import prepare_frames
-    from training.evaluate import model_with_loss
-
     if not frames:
         raise ValueError(f"person {person_id!r}: no frames to personalize on")
     t0 = time.perf_counter()

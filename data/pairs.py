@@ -1,7 +1,7 @@
-"""Torch-side views of decoded frames: training pairs, inference crops, and per-person TTP streams/sets.
+"""Torch-side views of decoded frames: training pairs and per-person TTP streams/sets.
 
-All geometry goes through `model/transforms.py`, so a crop made here for
-training is the crop inference, TTP and serving make too.
+All geometry goes through `model/transforms.py`, the geometry inference,
+TTP and serving crop with (`core.crops`).
 """
 from __future__ import annotations
 
@@ -11,26 +11,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from model.augment import Augmentation
 from model.config import DataConfig
 from model.transforms import apply_affine, crop_matrix, flip_permutation, to_tensor_layout, warp
 
 from .shards import Frame
-
-
-def prepare_frame(frame: Frame, image_size: int) -> tuple[torch.Tensor, np.ndarray]:
-    """Crop by the frame's box with no augmentation: (3, S, S) float in [0, 1] and the 2x3 crop affine."""
-    m = crop_matrix(frame.bbox, image_size)
-    return torch.from_numpy(to_tensor_layout(warp(frame.image, m, image_size))), m
-
-
-def prepare_frames(frames: list[Frame], image_size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """Crops (N, 3, S, S), affines (N, 2, 3) and video group ids (N,) in the form `model.personalize` takes."""
-    if not frames:
-        return torch.zeros(0, 3, image_size, image_size), np.zeros((0, 2, 3)), np.zeros(0, np.int64)
-    crops, mats = zip(*(prepare_frame(f, image_size) for f in frames))
-    videos: dict[tuple[str, str], int] = {}
-    groups = np.array([videos.setdefault((f.person_id, f.video_id), len(videos)) for f in frames], np.int64)
-    return torch.stack(crops), np.stack(mats), groups
 
 
 def _one_person(frames: list[Frame]) -> None:
@@ -55,10 +40,10 @@ def person_set(frames: list[Frame], unlabeled: bool = True) -> list[Frame]:
 
 
 class PairDataset(Dataset):
-    """Training pairs (DESIGN §3): target = frame i, source = another frame of the same video, both
-    cropped by the target's box under one shared random scale/rotation/flip. With probability
-    `data.cross_video` the source comes from another video of the person instead, cropped by its own box
-    (its camera differs, so the target's box would miss the person).
+    """Training pairs: target = frame i, source = another frame of the same video, both cropped by the
+    target's box under one shared random scale/rotation/flip (`model.augment`, which TTP draws from too).
+    With probability `data.cross_video` the source comes from another video of the person instead, cropped
+    by its own box (its camera differs, so the target's box would miss the person).
 
     The augmentation of item i is drawn from (seed, epoch, i), so it is reproducible and
     independent of DataLoader workers; call `set_epoch` to draw new ones each epoch.
@@ -69,6 +54,7 @@ class PairDataset(Dataset):
         if not frames:
             raise ValueError("PairDataset needs at least one frame")
         self.frames, self.size, self.cfg, self.seed, self.augment = frames, image_size, data_cfg, seed, augment
+        self.aug = Augmentation.from_data(data_cfg)
         self.epoch = 0
         self.perm = flip_permutation(frames[0].keypoints.shape[0])  # the joint set's own left/right pairs
         by_video: dict[tuple[str, str], list[int]] = defaultdict(list)
@@ -85,13 +71,6 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.frames)
 
-    def augmentation(self, rng: np.random.Generator) -> tuple[float, float, bool]:
-        """(scale, rotation degrees, flip) with the paper's distributions."""
-        c = self.cfg
-        scale = float(np.clip(rng.normal(1.0, c.scale_std), 0.75, 1.25))
-        rot = float(np.clip(rng.normal(0.0, c.rot_std), -60, 60)) if rng.random() < c.rot_prob else 0.0
-        return scale, rot, bool(rng.random() < c.flip_prob)
-
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.epoch, i])
         target = self.frames[i]
@@ -100,7 +79,7 @@ class PairDataset(Dataset):
         if cross:  # another video of the person, where there is one
             others = [j for j in self.person_of[i] if self.frames[j].video_id != target.video_id] or others
         source = self.frames[others[rng.integers(len(others))]] if others else target
-        scale, rot, flip = self.augmentation(rng) if self.augment else (1.0, 0.0, False)
+        scale, rot, flip = self.aug.draw(rng) if self.augment else (1.0, 0.0, False)
         m = crop_matrix(target.bbox, self.size, scale, rot, flip)
         # a source from another video (another camera) is cropped by its own box, as TTP crops every frame
         m_source = crop_matrix(source.bbox, self.size, scale, rot, flip) if source.video_id != target.video_id else m

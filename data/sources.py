@@ -12,12 +12,12 @@ import numpy as np
 
 from model.transforms import full_image_bbox
 
+from .shards import Frame
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 
 def _frame(image_rgb: np.ndarray, person_id: str, video_id: str, index: int, num_joints: int):
-    from data.shards import Frame
-
     h, w = image_rgb.shape[:2]
     return Frame(person_id=person_id, video_id=video_id, frame=index, image=image_rgb,
                  keypoints=np.zeros((num_joints, 3), np.float32),

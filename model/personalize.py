@@ -49,6 +49,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from .augment import Augmentation
 from .config import TTPConfig
 from .heatmaps import DECODERS
 from .losses import ReconstructionLoss
@@ -76,13 +77,15 @@ def adaptable_parameters(model: PoseTTPNet, adapt: list[str]) -> list[tuple[str,
             if n.split(".")[0] in adapt and n not in frozen]
 
 
-def shared_augment(target: torch.Tensor, source: torch.Tensor, gen: torch.Generator, scale_std: float = 0.25,
-                   rot_std: float = 30.0, rot_prob: float = 0.6) -> tuple[torch.Tensor, torch.Tensor]:
-    """One random rotation/scale per pair, applied identically to target and source."""
+def shared_augment(target: torch.Tensor, source: torch.Tensor, gen: torch.Generator,
+                   augment: Augmentation = Augmentation()) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random rotation/scale per pair, applied identically to target and source.
+
+    The draws come from the same parameters as the joint-training pairs (`Augmentation.from_data(cfg.data)`), so a
+    model is adapted under the augmentation it was trained with.
+    """
     b = target.shape[0]
-    scale = (1 + torch.randn(b, generator=gen) * scale_std).clamp(0.75, 1.25)
-    rot = (torch.randn(b, generator=gen) * rot_std).clamp(-60, 60)
-    rot = torch.where(torch.rand(b, generator=gen) < rot_prob, rot, torch.zeros_like(rot))
+    scale, rot = augment.draw_batch(b, gen)
     a = torch.deg2rad(rot)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 1] = torch.cos(a) * scale, -torch.sin(a) * scale
@@ -281,24 +284,26 @@ def draw_sources(groups: np.ndarray, targets: np.ndarray, limit: int, gen: torch
 
 
 def draw_pairs(crops: torch.Tensor, groups: np.ndarray, targets: np.ndarray, limit: int, gen: torch.Generator,
-               cross_video: float = 0.0):
+               cross_video: float = 0.0, augment: Augmentation = Augmentation()):
     """(target, source) crops (sources by `draw_sources`) under one shared augmentation."""
-    return shared_augment(crops[targets], crops[draw_sources(groups, targets, limit, gen, cross_video)], gen)
+    sources = draw_sources(groups, targets, limit, gen, cross_video)
+    return shared_augment(crops[targets], crops[sources], gen, augment)
 
 
 def probe_pairs(crops: torch.Tensor, groups: np.ndarray, limit: int, batch_size: int, seed: int,
-                cross_video: float = 0.0):
+                cross_video: float = 0.0, augment: Augmentation = Augmentation()):
     """A fixed probe batch among frames < limit (its own generator: reproducible, look-ahead free)."""
     g = torch.Generator().manual_seed(seed + 7919)
-    return draw_pairs(crops, groups, _draw(np.arange(limit), batch_size, g), limit, g, cross_video)
+    return draw_pairs(crops, groups, _draw(np.arange(limit), batch_size, g), limit, g, cross_video, augment)
 
 
 def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops: torch.Tensor,
                 matrices: np.ndarray, groups: np.ndarray, cfg: TTPConfig, scenario: str,
-                seed: int = 0, on_frame=None) -> TTPResult:
+                seed: int = 0, on_frame=None, augment: Augmentation = Augmentation()) -> TTPResult:
     """Personalize on one person's crops (N, 3, S, S) with their crop affines and video ids (groups).
 
-    `on_frame(t, prediction)` is called after each online prediction (for curves/overlays).
+    `on_frame(t, prediction)` is called after each online prediction (for curves/overlays). `augment` is the pairs'
+    rotation/scale, `Augmentation.from_data(cfg.data)` of the model's config (the default is `data.*`'s defaults).
     """
     if scenario not in ("online", "offline"):
         raise ValueError(f"scenario must be online or offline, got {scenario!r}")
@@ -311,10 +316,10 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
     adapter = _Adapter(model, recon_loss, cfg, seed)
 
     def pairs(targets: np.ndarray, limit: int, g: torch.Generator):
-        return draw_pairs(crops, groups, targets, limit, g, cfg.cross_video)
+        return draw_pairs(crops, groups, targets, limit, g, cfg.cross_video, augment)
 
     def probe(limit: int):
-        return probe_pairs(crops, groups, limit, bs, seed, cfg.cross_video)
+        return probe_pairs(crops, groups, limit, bs, seed, cfg.cross_video, augment)
 
     losses: list[float] = []
     if scenario == "offline":

@@ -28,6 +28,9 @@ from pathlib import Path
 
 import yaml
 
+from data.shards import list_persons
+
+from .demo_report import query_persons, write_report
 from .procs import flower_env, stop_marked
 
 MARKER = "POSETTP_DEMO_RUN"
@@ -94,8 +97,6 @@ class Demo:
 
     # 3
     def federate(self, checkpoint: str) -> dict:
-        from data.shards import list_persons
-
         persons = list_persons(str(self.data), "test")
         runs = {}
         for scenario, store, nodes in (("offline", self.store, len(persons)),
@@ -117,8 +118,6 @@ class Demo:
 
     # 4 + 5
     def serve_and_query(self, checkpoint: str) -> dict:
-        from .demo_report import query_persons
-
         port = _free_port()
         config = self.out / "serve.yaml"  # the shipped config with auth off: the demo has no tokens
         doc = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
@@ -184,8 +183,6 @@ def main(args) -> int:
         fl = demo.step("federate", lambda: demo.federate(checkpoint))
         demo._t_serve = time.perf_counter()
         served = demo.step("serve+query", lambda: demo.serve_and_query(checkpoint))
-        from .demo_report import write_report
-
         report = demo.step("report", lambda: write_report(demo.out, checkpoint, str(demo.data), served, fl,
                                                           demo.timings))
     except StepFailed as exc:

@@ -6,15 +6,25 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import cv2
 import numpy as np
+import torch
+
+from core.checkpoints import model_with_loss, with_weights
+from core.crops import prepare_frame
+from core.frames import labeled_person_frames
+from core.scoring import evaluate_person, per_frame_pck, score
+from model.checkpoint import load_checkpoint
+from model.delta import apply_delta
+from model.heatmaps import DECODERS, heatmap_to_image
+from store.deltas import DeltaStore
+from store.policy import DeltaPolicy
 
 BASE_PROBE = "demo-base-probe"  # a person with no delta: the server answers with the base model
 
 
 def _png(image_rgb: np.ndarray) -> bytes:
     """Lossless, so the server sees exactly the pixels `posettp evaluate` decodes from the shards."""
-    import cv2
-
     return cv2.imencode(".png", cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR))[1].tobytes()
 
 
@@ -28,8 +38,6 @@ def _post(url: str, person: str, png: bytes, bbox) -> dict:
 
 def query_persons(url: str, data: str) -> dict:
     """Every labeled test frame, posted as the person (personalized) and as a person with no delta (base)."""
-    from training.evaluate import labeled_person_frames, score
-
     out = {}
     for pid, frames in labeled_person_frames(data, "test").items():
         preds = {}
@@ -93,10 +101,7 @@ def figure5(path: Path, model, frame, image_size: int) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
-    from data.pairs import prepare_frame
-    from model.heatmaps import DECODERS, heatmap_to_image
 
     crop, _ = prepare_frame(frame, image_size)
     with torch.no_grad():
@@ -130,20 +135,14 @@ def figure5(path: Path, model, frame, image_size: int) -> None:
 
 def write_report(out: Path, checkpoint: str, data: str, served: dict, fl: dict, timings: dict) -> str:
     """Report with the HTTP numbers beside `posettp evaluate`'s for the same checkpoint and deltas."""
-    from model.checkpoint import load_checkpoint
-    from server.registry import BaseModelInfo, DeltaStore
-    from model.delta import apply_delta
-    from training.evaluate import evaluate_person, labeled_person_frames, model_with_loss, per_frame_pck
-
     ck = load_checkpoint(checkpoint)
     model, recon = model_with_loss(ck)
-    store, info = DeltaStore(str(out / "store")), BaseModelInfo.from_model(model, ck.sha256)
+    store = DeltaStore(str(out / "store"), DeltaPolicy.for_checkpoint(ck))
     rows, gains = [], []
     for pid, frames in labeled_person_frames(data, "test").items():
-        found = store.load_latest(pid, info)
-        personal = type(model)(model.cfg)
-        personal.load_state_dict(apply_delta(model.state_dict(), found[0]) if found else model.state_dict())
-        local = evaluate_person(personal.eval(), recon, ck.config, frames, "none")
+        found = store.load_latest(pid)
+        personal = with_weights(model, apply_delta(model.state_dict(), found[0])) if found else model
+        local = evaluate_person(personal, recon, ck.config, frames, "none")
         base = evaluate_person(model, recon, ck.config, frames, "none")
         online = evaluate_person(model, recon, ck.config, frames, "online")
         gains.append((per_frame_pck(online["predictions"], frames)

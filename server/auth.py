@@ -21,6 +21,7 @@ import threading
 import time
 
 from model import io
+from store.policy import check_person_id
 
 PREFIX = "sha256:"
 FORMAT = "posettp-tokens"
@@ -63,8 +64,6 @@ def write_tokens(url: str, persons: dict[str, str]) -> None:
 
 def add_token(url: str, person_id: str, token: str | None = None) -> str:
     """Give `person_id` a (new) token; returns the plaintext, which is not stored."""
-    from server.registry import check_person_id
-
     check_person_id(person_id)
     token = token or new_token()
     persons = read_tokens(url)

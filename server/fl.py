@@ -1,9 +1,9 @@
 """Flower ServerApp: base checkpoint out, validated per-person deltas back into the delta store.
 
 One round = every connected node gets the base weights + TTP settings
-(client/protocol.py), personalizes on its own person's frames and answers with a
+(`store.protocol`), personalizes on its own person's frames and answers with a
 delta and a few numbers. Each delta is validated (keys, shapes, dtypes, base hash,
-finite, norm bound, size cap, person id) by `DeltaStore.file_delta` and stored
+finite, norm bound, size cap, trust region, person id) by the store's delta policy and stored
 atomically per person; a refused delta is logged with its reason and the verdict is
 sent back to the node. Nodes that fail, answer with an error or never answer within
 `round-timeout` are recorded and the round goes on.
@@ -27,15 +27,21 @@ import resource
 import time
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from client.protocol import TRAIN, VERDICT, base_records, blob_from_record
+from core.checkpoints import build_recon_loss, model_with_loss
+from core.frames import labeled_person_frames
+from core.scoring import evaluate_person, headline_metric
+from data.shards import read_manifest
 from model import io
-from model.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, state_bytes
+from model.checkpoint import Checkpoint, load_checkpoint, restore_loss_buffers, save_checkpoint, state_bytes
 from model.delta import DTYPES, DeltaRejected, apply_delta
-from server.registry import BaseModelInfo, DeltaStore, check_person_id
+from store.deltas import DeltaStore
+from store.policy import DeltaPolicy, check_person_id
+from store.protocol import TRAIN, VERDICT, base_records, blob_from_record
 
 log = logging.getLogger("flwr.posettp")
 
@@ -44,40 +50,38 @@ app = ServerApp()
 ALLOWED_REPLY_RECORDS = {"status", "metrics", "delta"}
 
 
+# The run config's keys are these fields with `-` for `_`; pyproject.toml's [tool.flwr.app.config] states the
+# same defaults (tests/test_settings.py holds the two together). Imported here, beside the settings it declares.
+from model.config import setting, settings_from_mapping  # noqa: E402
+
+
 @dataclass
 class FLSettings:
-    base_checkpoint: str
-    storage: str
-    data: str = ""
-    scenario: str = "offline"
-    ttp_steps: int = 60
-    delta_dtype: str = "int8"
-    rounds: int = 1
-    seed: int = 0
-    min_nodes: int = 1
-    node_wait: float = 120.0
-    round_timeout: float = 1800.0
-    verdict_timeout: float = 30.0
-    max_delta_bytes: int = 0
-    norm_bound: float = 1.0
-    fedavg_base: bool = False
-    eval_data: str = ""
-    eval_persons: int = 0
+    base_checkpoint: str = setting("", "checkpoint directory/URL the server loads (an absolute path); required")
+    data: str = setting("", "simulation: test shards; partition-id i -> the i-th test person")
+    scenario: str = setting("offline", "offline | online: how the clients personalize")
+    ttp_steps: int = setting(60, "offline TTP steps per client")
+    delta_dtype: str = setting("int8", "int8 | fp16 | fp32: how clients encode their deltas")
+    storage: str = setting("runs/fl-store", "delta store URL: persons/{id}/deltas/, latest.json, fl-runs/")
+    rounds: int = setting(1, "federated rounds")
+    seed: int = setting(0, "seed sent to the clients' TTP")
+    min_nodes: int = setting(1, "wait for this many connected nodes ...")
+    node_wait: float = setting(120.0, "... at most this many seconds")
+    round_timeout: float = setting(1800.0, "seconds per round; later replies are dropped (node recorded as "
+                                           "timeout)")
+    verdict_timeout: float = setting(30.0, "seconds to deliver each node its delta's verdict")
+    max_delta_bytes: int = setting(0, "largest delta accepted; 0 = fp32 size of all encoder/self_head params + "
+                                      "header room")
+    norm_bound: float = setting(1.0, "largest ||delta|| / ||base weights it touches||")
+    fedavg_base: bool = setting(False, "also average the deltas into a new base and score it")
+    eval_data: str = setting("", "shards for the fedavg check (default: data), test split")
+    eval_persons: int = setting(0, "persons the fedavg check scores; 0 = every test person who did not take part")
 
     @classmethod
     def from_run_config(cls, rc: dict) -> "FLSettings":
-        known = {f.replace("_", "-"): f for f in cls.__dataclass_fields__}
-        kwargs = {}
-        for key, value in rc.items():
-            if key in known:
-                kwargs[known[key]] = value
-        if not kwargs.get("base_checkpoint"):
+        s = settings_from_mapping(cls, rc, what="run-config key", dashed=True)
+        if not s.base_checkpoint:
             raise ValueError("run config `base-checkpoint` is empty: pass --run-config 'base-checkpoint=\"/abs/ck\"'")
-        s = cls(**kwargs)
-        s.ttp_steps, s.rounds, s.seed, s.min_nodes = int(s.ttp_steps), int(s.rounds), int(s.seed), int(s.min_nodes)
-        s.max_delta_bytes, s.eval_persons = int(s.max_delta_bytes), int(s.eval_persons)
-        s.node_wait, s.round_timeout, s.verdict_timeout = float(s.node_wait), float(s.round_timeout), float(s.verdict_timeout)
-        s.norm_bound, s.fedavg_base = float(s.norm_bound), bool(s.fedavg_base)
         if s.scenario not in ("online", "offline"):
             raise ValueError(f"scenario must be online or offline, got {s.scenario!r}")
         if s.delta_dtype not in DTYPES:
@@ -91,25 +95,19 @@ class FLSettings:
                 "seed": self.seed, "round": rnd}
 
 
-def default_size_cap(base: BaseModelInfo) -> int:
-    """Largest honest delta: every allowed tensor in fp32, plus room for the header and scales."""
-    tensors = sum(base.state[k].numel() * 4 for k in base.allowed_keys)
-    return tensors + 65536 + 512 * len(base.allowed_keys)
-
-
-def make_store(settings: FLSettings, base: BaseModelInfo, drift_radius: float = math.inf) -> DeltaStore:
-    """The store every reply is filed through. `drift_radius`: the base checkpoint's trust region
-    (`ttp.drift_radius`); clients personalize with the checkpoint's TTP settings, so no honest delta moves a
-    weight further."""
-    cap = settings.max_delta_bytes or default_size_cap(base)
-    return DeltaStore(settings.storage, max_bytes=cap, norm_bound=settings.norm_bound, max_abs=drift_radius)
+def make_store(settings: FLSettings, ck: Checkpoint) -> DeltaStore:
+    """The store every reply is filed through, under the base checkpoint's delta policy (with the run's size cap
+    and norm bound): clients personalize with the checkpoint's TTP settings, so no honest delta leaves its trust
+    region."""
+    policy = DeltaPolicy.for_checkpoint(ck, max_bytes=settings.max_delta_bytes, norm_bound=settings.norm_bound)
+    return DeltaStore(settings.storage, policy)
 
 
 def _numbers(record) -> dict:
     return {k: v for k, v in record.items()}
 
 
-def handle_reply(reply: Message, store: DeltaStore, base: BaseModelInfo, node: int | None = None) -> dict:
+def handle_reply(reply: Message, store: DeltaStore, node: int | None = None) -> dict:
     """Validate one client's reply and file its delta; returns the summary entry (never raises).
 
     `node` is the node the instruction went to: an error reply made by the SuperLink itself
@@ -156,7 +154,7 @@ def handle_reply(reply: Message, store: DeltaStore, base: BaseModelInfo, node: i
         except (ValueError, TypeError) as exc:
             raise DeltaRejected(str(exc)) from exc
         entry["bytes"] = len(data)
-        record = store.file_delta(person, data, base)
+        record = store.file_delta(person, data)
     except DeltaRejected as exc:
         entry.update(status="refused", reason=str(exc))
         log.warning("node %s person %s: delta refused: %s", node, entry["person_id"], exc)
@@ -203,17 +201,14 @@ def fedavg(ck: Checkpoint, deltas: list[dict[str, torch.Tensor]]) -> dict[str, t
     return apply_delta(ck.model.state_dict(), mean)
 
 
-def fedavg_round(ck: Checkpoint, store: DeltaStore, base: BaseModelInfo, entries: list[dict],
+def fedavg_round(ck: Checkpoint, store: DeltaStore, entries: list[dict],
                  settings: FLSettings, run_id: int, rnd: int) -> tuple[Checkpoint, dict]:
     """Average the stored deltas into a new base, save it, score base vs new base without TTP on
     persons who did not take part."""
-    from model.checkpoint import restore_loss_buffers
-    from training.loop import build_recon_loss
-
     stored = [e for e in entries if e["status"] == "stored"]
     if not stored:
         return ck, {"skipped": "no stored deltas to average"}
-    deltas = [store.validate(e["_data"], base)[0] for e in stored]
+    deltas = [store.policy.check(e["_data"])[0] for e in stored]
     model = type(ck.model)(ck.model.cfg)
     model.load_state_dict(fedavg(ck, deltas))
     model.eval()
@@ -238,18 +233,13 @@ def fedavg_round(ck: Checkpoint, store: DeltaStore, base: BaseModelInfo, entries
 
 def evaluate_held_out(old: Checkpoint, new: Checkpoint, url: str, exclude: set, limit: int) -> dict:
     """PCK without TTP of the old and the averaged base on test persons who were not clients."""
-    import numpy as np
-
-    from data.shards import read_manifest
-    from training.evaluate import evaluate_person, labeled_person_frames, model_with_loss
-
     dataset = read_manifest(url).get("dataset", old.config.data.dataset)
     persons = {p: f for p, f in labeled_person_frames(url, "test").items() if p not in exclude}
     if limit:
         persons = dict(list(persons.items())[:limit])
     if not persons:
         return {"skipped": f"no test persons in {url} outside the participants"}
-    key = "macc" if dataset == "bbc" else "pck@0.2"
+    key = headline_metric(dataset)
     rows = []
     for ck_name, ck in (("base", old), ("fedavg", new)):
         ck.config.data.dataset = dataset
@@ -287,8 +277,7 @@ def run_federation(grid: Grid, context: Context) -> dict:
         log.info("base %s (%s, %d bytes), storage %s", settings.base_checkpoint, ck.sha256[:12], ck_bytes,
                  settings.storage if "://" in settings.storage else os.path.abspath(settings.storage))
         for rnd in range(1, settings.rounds + 1):
-            base = BaseModelInfo.from_model(ck.model, ck.sha256)
-            store = make_store(settings, base, radius)
+            store = make_store(settings, ck)
             nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait)
             if len(nodes) < settings.min_nodes:
                 raise RuntimeError(f"only {len(nodes)} node(s) connected within {settings.node_wait:.0f}s, "
@@ -302,7 +291,7 @@ def run_federation(grid: Grid, context: Context) -> dict:
             tr = time.perf_counter()
             replies = list(grid.send_and_receive(msgs, timeout=settings.round_timeout))
             sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs if m.metadata.message_id}
-            entries = [handle_reply(r, store, base, sent_to.get(r.metadata.reply_to_message_id)) for r in replies]
+            entries = [handle_reply(r, store, sent_to.get(r.metadata.reply_to_message_id)) for r in replies]
             answered = {e["node_id"] for e in entries}
             entries += [{"node_id": n, "person_id": None, "status": "timeout", "bytes": 0,
                          "reason": f"no reply within {settings.round_timeout:.0f}s"} for n in nodes if n not in answered]
@@ -319,7 +308,7 @@ def run_federation(grid: Grid, context: Context) -> dict:
                 summary["persons"][key] = dict(e, round=rnd,
                                                ratio_to_checkpoint=(e["bytes"] / ck_bytes) if e["bytes"] else 0.0)
             if settings.fedavg_base:
-                ck, rinfo["fedavg"] = fedavg_round(ck, store, base, entries, settings, run_id, rnd)
+                ck, rinfo["fedavg"] = fedavg_round(ck, store, entries, settings, run_id, rnd)
             summary["rounds"].append(rinfo)
         stored = [p for p in summary["persons"].values() if p["status"] == "stored"]
         summary["status"] = "finished"

@@ -1,13 +1,13 @@
 """Ray Serve app: one HTTP pose endpoint, per-person models = shared base + that person's delta.
 
-HTTP (DESIGN §5):
+HTTP:
     POST /v1/persons/{person_id}/pose[?bbox=x,y,w,h]   body: a JPEG or PNG
         -> {person_id, model_version, keypoints: [{name, x, y, score} x 13], latency_ms, fallback}
     GET  /v1/persons/{person_id}                        model info (version, memory of the cached person)
     GET  /healthz
 
 Two deployments. `PoseIngress` (FastAPI) validates the request, decodes the
-image and crops it with `model.transforms`; `PoseModel` holds the base model
+image and crops it with `core.crops`; `PoseModel` holds the base model
 once per replica and, multiplexed by person id (`@serve.multiplexed`, LRU),
 each person's model as a shallow copy of the base in which only the tensors the
 delta changed are new (`apply_delta`); `@serve.batch` batches requests, which
@@ -55,12 +55,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from model import io
 from model.checkpoint import META, load_checkpoint
 from model.config import from_dict
-from model.delta import DEFAULT_MAX_BYTES, DEFAULT_NORM_BOUND, DeltaRejected, apply_delta
+from model.delta import DEFAULT_NORM_BOUND, DeltaRejected, apply_delta
 from model.network import PoseTTPNet
 from model.predict import predict_crops
-from model.transforms import PENN_JOINTS, crop_matrix, flip_pairs_for, full_image_bbox, to_tensor_layout, warp
+from model.transforms import PENN_JOINTS, flip_pairs_for, full_image_bbox
+from core.crops import prepare_crop
 from server.auth import AuthError, TokenTable, default_tokens_url
-from server.registry import BaseModelInfo, DeltaStore, check_person_id
+from store.policy import DeltaPolicy, check_person_id
+from store.deltas import DeltaStore
 
 log = logging.getLogger("ray.serve")
 
@@ -72,51 +74,46 @@ INLINE_DECODE_BYTES = 256 * 1024
 # settings (the `args` of configs/serve.yaml)
 
 
+# Imported here, beside the settings it declares: the one helper that turns a mapping into settings.
+from model.config import setting, settings_from_mapping  # noqa: E402
+
+
 @dataclass
 class ServeSettings:
-    checkpoint: str = ""  # checkpoint directory URL; "" -> $POSETTP_CHECKPOINT
-    store: str = ""  # delta store URL; "" -> $POSETTP_STORE
-    replicas: int = 1  # PoseModel replicas (PoseIngress replicas when colocate)
-    colocate: bool = False  # one deployment: the ingress holds the models itself (saves a hop; no routing
-    #                         by person unless clients send the serve_multiplexed_model_id header)
-    num_cpus: float = 1.0  # per PoseModel replica
-    num_gpus: float = 0.0  # per PoseModel replica (the model moves to CUDA when > 0 and available)
-    ingress_replicas: int = 1
-    ingress_num_cpus: float = 0.25
-    lru_size: int = 16  # person models cached per replica (@serve.multiplexed)
-    ttl_s: float = 2.0  # re-read a person's latest.json at most this often
-    max_body_bytes: int = 8 * 1024 * 1024  # 413 above
-    max_image_pixels: int = 16_777_216  # 413 above (decoded width x height)
-    max_image_side: int = 8192  # 413 above
-    batch_size: int = 8  # @serve.batch max batch (Serve splits batches per person)
-    batch_wait_ms: float = 0.0  # @serve.batch wait for a batch to fill (requests arriving during a batch
-    #                             form the next one anyway)
-    max_ongoing_requests: int = 32  # per PoseModel replica
-    auth: bool = False  # per-person bearer tokens
-    tokens: str = ""  # hashed tokens file URL; "" -> {store}/auth/tokens.json
-    tokens_ttl_s: float = 5.0
-    torch_threads: int = 0  # 0 -> ceil(num_cpus)
-    malloc_arena_max: int = 2  # MALLOC_ARENA_MAX of PoseModel replicas (keeps RSS flat as persons come
-    #                            and go); 0 = leave glibc's default
-    max_delta_bytes: int = DEFAULT_MAX_BYTES
-    delta_norm_bound: float = DEFAULT_NORM_BOUND
-    flip_test: bool = False  # average each crop's heatmaps with its mirror's (twice the inference); this
-    #                          setting decides, not the checkpoint's model.flip_test
+    checkpoint: str = setting("", "checkpoint directory URL; \"\" -> $POSETTP_CHECKPOINT")
+    store: str = setting("", "delta store URL; \"\" -> $POSETTP_STORE")
+    replicas: int = setting(1, "PoseModel replicas (PoseIngress replicas when colocate)")
+    colocate: bool = setting(False, "one deployment: the ingress holds the models itself (saves a hop; no routing "
+                                    "by person unless clients send the serve_multiplexed_model_id header)")
+    num_cpus: float = setting(1.0, "CPUs per PoseModel replica")
+    num_gpus: float = setting(0.0, "GPUs per PoseModel replica (the model moves to CUDA when > 0 and available)")
+    ingress_replicas: int = setting(1, "PoseIngress replicas")
+    ingress_num_cpus: float = setting(0.25, "CPUs per PoseIngress replica")
+    lru_size: int = setting(16, "person models cached per replica (@serve.multiplexed)")
+    ttl_s: float = setting(2.0, "re-read a person's latest.json at most this often (seconds)")
+    max_body_bytes: int = setting(8 * 1024 * 1024, "largest request body; 413 above")
+    max_image_pixels: int = setting(16_777_216, "largest decoded image (width x height); 413 above")
+    max_image_side: int = setting(8192, "largest decoded image side; 413 above")
+    batch_size: int = setting(8, "@serve.batch max batch (Serve splits batches per person)")
+    batch_wait_ms: float = setting(0.0, "@serve.batch wait for a batch to fill (requests arriving during a batch "
+                                        "form the next one anyway)")
+    max_ongoing_requests: int = setting(32, "concurrent requests per PoseModel replica (at least batch_size)")
+    auth: bool = setting(False, "per-person bearer tokens")
+    tokens: str = setting("", "hashed tokens file URL; \"\" -> {store}/auth/tokens.json")
+    tokens_ttl_s: float = setting(5.0, "re-read the tokens file at most this often (seconds)")
+    torch_threads: int = setting(0, "torch threads per PoseModel replica; 0 -> ceil(num_cpus)")
+    malloc_arena_max: int = setting(2, "MALLOC_ARENA_MAX of PoseModel replicas (keeps RSS flat as persons come and "
+                                       "go); 0 = leave glibc's default")
+    max_delta_bytes: int = setting(0, "largest delta served; 0 = the delta policy's cap: every tensor a delta may "
+                                      "carry in fp32 + header room")
+    delta_norm_bound: float = setting(DEFAULT_NORM_BOUND, "largest ||delta|| / ||base weights it touches|| served")
+    flip_test: bool = setting(False, "average each crop's heatmaps with its mirror's (twice the inference); this "
+                                     "setting decides, not the checkpoint's model.flip_test")
 
     @classmethod
     def from_args(cls, args: dict | None) -> "ServeSettings":
         """Typed settings from a config `args` mapping (values may be strings, as `serve run k=v` gives)."""
-        args = dict(args or {})
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(args) - set(names))
-        if unknown:
-            raise ValueError(f"unknown serve setting(s): {', '.join(unknown)} (known: {', '.join(names)})")
-        defaults = cls()
-        values = {}
-        for key, value in args.items():
-            current = getattr(defaults, key)
-            values[key] = _coerce(key, value, current)
-        s = cls(**values)
+        s = settings_from_mapping(cls, args, what="serve setting")
         s.checkpoint = _resolve_url(os.path.expandvars(s.checkpoint) or os.environ.get("POSETTP_CHECKPOINT", ""))
         s.store = _resolve_url(os.path.expandvars(s.store) or os.environ.get("POSETTP_STORE", ""))
         s.tokens = _resolve_url(os.path.expandvars(s.tokens))
@@ -136,28 +133,6 @@ class ServeSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def _coerce(key: str, value, current):
-    try:
-        if isinstance(current, bool):
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError
-            return bool(value)
-        if isinstance(current, int):
-            f = float(value)
-            if not f.is_integer():
-                raise ValueError
-            return int(f)
-        if isinstance(current, float):
-            return float(value)
-        return "" if value is None else str(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"serve setting {key}: cannot use {value!r} (expected {type(current).__name__})") from None
 
 
 def _resolve_url(url: str) -> str:
@@ -232,12 +207,6 @@ def decode_image(data: bytes, max_pixels: int, max_side: int) -> np.ndarray:
     if bgr is None or bgr.shape[:2] != (h, w):
         raise ApiError(400, f"{fmt} image is truncated or corrupt")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def prepare_crop(image_rgb: np.ndarray, bbox, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(3, S, S) float32 crop and its 2x3 affine, through the shared crop geometry."""
-    m = crop_matrix(bbox, size)
-    return to_tensor_layout(warp(image_rgb, m, size)), m
 
 
 def joint_names(num_joints: int) -> tuple[str, ...]:
@@ -342,8 +311,7 @@ class PersonModels:
     """Base model loaded once; person models built from it and the delta store; predictions."""
 
     def __init__(self, checkpoint: str, store: str, device: str = "cpu", ttl_s: float = 2.0,
-                 max_delta_bytes: int = DEFAULT_MAX_BYTES, norm_bound: float = DEFAULT_NORM_BOUND,
-                 flip_test: bool = False):
+                 max_delta_bytes: int = 0, norm_bound: float = DEFAULT_NORM_BOUND, flip_test: bool = False):
         ck = load_checkpoint(checkpoint, map_location=device)
         self.base = ck.model.eval()
         if flip_test:
@@ -353,8 +321,8 @@ class PersonModels:
             p.requires_grad_(False)
         self.config = ck.config
         self.sha256 = ck.sha256
-        self.base_info = BaseModelInfo.from_model(self.base, ck.sha256)
-        self.store = DeltaStore(store, max_bytes=max_delta_bytes, norm_bound=norm_bound)
+        self.store = DeltaStore(store, DeltaPolicy.for_checkpoint(ck, max_bytes=max_delta_bytes, norm_bound=norm_bound))
+        self.base_state = self.store.policy.state
         self.ttl_s = ttl_s
         self.image_size = ck.config.model.image_size
         self.names = joint_names(ck.config.model.num_joints)
@@ -382,7 +350,7 @@ class PersonModels:
         else:
             seen = (record.get("version"), record.get("sha256"))
             try:
-                found = self.store.load_latest(person_id, self.base_info)
+                found = self.store.load_latest(person_id)
             except DeltaRejected as exc:
                 return self._fallback(person_id, record, str(exc), seen)
             except Exception as exc:  # noqa: BLE001 - missing/unreadable file: retry at the next check
@@ -391,7 +359,7 @@ class PersonModels:
                 entry = self._base_entry(person_id)
             else:
                 delta, _meta, record = found
-                merged = apply_delta(self.base_info.state, delta)
+                merged = apply_delta(self.base_state, delta)
                 overrides = {k: merged[k] for k in delta}
                 model = shallow_clone(self.base, overrides)
                 entry = PersonModel(person_id, model, record["version"], record, None,

@@ -47,7 +47,7 @@ def make_checkpoint(url: str, overrides: list[str] | None = None, seed: int = 0)
     from model.checkpoint import save_checkpoint
     from model.config import load_config
     from model.network import build_model
-    from training.loop import build_recon_loss
+    from core.checkpoints import build_recon_loss
 
     cfg = load_config(str(REPO / "configs/synth_small.yaml"), TINY_OVERRIDES + list(overrides or []))
     torch.manual_seed(seed)

@@ -27,7 +27,8 @@ from model.delta import apply_delta, deltable_keys, encode_delta, extract_delta
 from model.network import build_model
 from model.predict import predict_crops
 from model.transforms import crop_matrix, full_image_bbox, to_tensor_layout, warp
-from server.registry import BaseModelInfo, DeltaStore
+from store.policy import DeltaPolicy
+from store.deltas import DeltaStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,9 @@ def make_checkpoint(url: str, image_size: int | None = None, seed: int = 0,
                     config: str = "configs/synth_small.yaml") -> str:
     """A checkpoint (synth_small unless `config` says otherwise) with fitted BatchNorm statistics and a
     self-head that gives distinct peaks."""
-    overrides = [f"model.image_size={image_size}"] if image_size else []
+    # no trust region: the fixture's deltas are large synthetic perturbations that visibly change predictions,
+    # not TTP updates, and the store's policy holds deltas to the checkpoint's trust region
+    overrides = ["ttp.drift_steps=0"] + ([f"model.image_size={image_size}"] if image_size else [])
     cfg = load_config(str(REPO / config), overrides)
     torch.manual_seed(seed)
     model = build_model(cfg.model)
@@ -68,14 +71,14 @@ def make_delta(model, base_sha: str, person_id: str, seed: int, scale: float = 0
 def land_delta(store_url: str, ck_url: str, person_id: str, seed: int, **kw) -> dict:
     """File a new delta version for a person through the store's validation; returns latest.json."""
     ck = load_checkpoint(ck_url)
-    info = BaseModelInfo.from_model(ck.model, ck.sha256)
-    return DeltaStore(store_url).file_delta(person_id, make_delta(ck.model, ck.sha256, person_id, seed, **kw), info)
+    store = DeltaStore(store_url, DeltaPolicy.for_checkpoint(ck))
+    return store.file_delta(person_id, make_delta(ck.model, ck.sha256, person_id, seed, **kw))
 
 
 def person_model(ck_url: str, store_url: str, person_id: str):
     """The person's model the offline way (`posettp evaluate --store`): base + latest delta, loaded fully."""
     ck = load_checkpoint(ck_url)
-    found = DeltaStore(store_url).load_latest(person_id, BaseModelInfo.from_model(ck.model, ck.sha256))
+    found = DeltaStore(store_url, DeltaPolicy.for_checkpoint(ck)).load_latest(person_id)
     model = ck.model
     version = "base"
     if found:

@@ -6,7 +6,7 @@ import numpy as np
 from bench.ttp_vs_shift import shifted_test_persons, suffix
 from data.synth import main as synth_main
 from model.config import load_config
-from training.evaluate import labeled_person_frames
+from core.frames import labeled_person_frames
 
 
 def test_other_shift_renders_the_same_test_persons_with_other_pixels(tmp_path):

@@ -7,7 +7,7 @@ from data.shards import Frame
 from model.config import load_config
 from model.metrics import pck
 from model.network import PoseTTPNet, build_model
-from training.loop import build_recon_loss
+from core.checkpoints import build_recon_loss
 from tests.test_personalize import calibrate_norm_statistics, keypoint_blind_copy
 
 

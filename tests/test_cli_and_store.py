@@ -9,7 +9,8 @@ import torch
 from model.config import load_config
 from model.delta import DeltaRejected, deltable_keys, encode_delta, extract_delta
 from model.network import build_model
-from server.registry import BaseModelInfo, DeltaStore
+from store.policy import DeltaPolicy
+from store.deltas import DeltaStore
 
 COMMANDS = ["info", "synth", "import", "train", "personalize", "evaluate", "reproduce", "serve", "demo"]
 
@@ -36,7 +37,7 @@ def test_unknown_config_key_is_one_clear_error_line():
 @pytest.fixture()
 def base():
     model = build_model(load_config("configs/synth_small.yaml").model)
-    return model, BaseModelInfo.from_model(model, "a" * 64)
+    return model, DeltaPolicy.for_model(model, "a" * 64)
 
 
 def make_delta(model, person="alice", sha="a" * 64, scale=1e-3):
@@ -48,14 +49,14 @@ def make_delta(model, person="alice", sha="a" * 64, scale=1e-3):
 
 def test_store_layout_versions_and_latest(tmp_path, base):
     model, info = base
-    store = DeltaStore(str(tmp_path / "store"))
-    first = store.file_delta("alice", make_delta(model), info)
-    second = store.file_delta("alice", make_delta(model), info)
+    store = DeltaStore(str(tmp_path / "store"), info)
+    first = store.file_delta("alice", make_delta(model))
+    second = store.file_delta("alice", make_delta(model))
     assert second["version"] > first["version"]
     assert (tmp_path / "store/persons/alice/deltas" / f"{first['version']}.safetensors").is_file()
     latest = json.loads((tmp_path / "store/persons/alice/latest.json").read_text())
     assert latest["version"] == second["version"] and latest["base_sha256"] == "a" * 64
-    delta, meta, record = store.load_latest("alice", info)
+    delta, meta, record = store.load_latest("alice")
     assert record["version"] == second["version"] and meta["person_id"] == "alice"
     assert store.persons() == ["alice"]
 
@@ -64,29 +65,29 @@ def test_store_layout_versions_and_latest(tmp_path, base):
 def test_store_refuses_person_ids_with_path_characters(tmp_path, base, person):
     model, info = base
     with pytest.raises(DeltaRejected, match="invalid person id"):
-        DeltaStore(str(tmp_path)).file_delta(person, make_delta(model), info)
+        DeltaStore(str(tmp_path), info).file_delta(person, make_delta(model))
     assert not any(tmp_path.iterdir())
 
 
 def test_store_refuses_delta_for_another_person_or_base(tmp_path, base):
     model, info = base
-    store = DeltaStore(str(tmp_path))
+    store = DeltaStore(str(tmp_path), info)
     with pytest.raises(DeltaRejected, match="not 'alice'"):
-        store.file_delta("alice", make_delta(model, person="bob"), info)
+        store.file_delta("alice", make_delta(model, person="bob"))
     with pytest.raises(DeltaRejected, match="made for base"):
-        store.file_delta("alice", make_delta(model, sha="b" * 64), info)
+        store.file_delta("alice", make_delta(model, sha="b" * 64))
 
 
 def test_tampered_stored_delta_is_refused_on_load(tmp_path, base):
     model, info = base
-    store = DeltaStore(str(tmp_path))
-    record = store.file_delta("alice", make_delta(model), info)
+    store = DeltaStore(str(tmp_path), info)
+    record = store.file_delta("alice", make_delta(model))
     path = tmp_path / "persons/alice/deltas" / f"{record['version']}.safetensors"
     data = bytearray(path.read_bytes())
     data[-5] ^= 0xFF
     path.write_bytes(bytes(data))
     with pytest.raises(DeltaRejected, match="sha256"):
-        store.load_latest("alice", info)
+        store.load_latest("alice")
 
 
 def test_personalize_image_folder_writes_a_valid_delta_and_overlay(tmp_path):
@@ -110,7 +111,7 @@ def test_personalize_image_folder_writes_a_valid_delta_and_overlay(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     ck = load_checkpoint(str(tmp_path / "ck"))
-    info = BaseModelInfo.from_model(ck.model, ck.sha256)
+    info = DeltaPolicy.for_model(ck.model, ck.sha256)
     delta, meta = decode_and_validate((tmp_path / "d.safetensors").read_bytes(), info.state, info.allowed_keys,
                                       ck.sha256)
     assert meta["person_id"] == "carol" and meta["scenario"] == "offline"

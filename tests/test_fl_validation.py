@@ -1,7 +1,7 @@
 """Server-side validation of client replies, and what a client reply may hold (fast, no Flower processes).
 
 Every tampered delta goes through the same path a real reply takes on the server
-(`server.fl.handle_reply` -> `DeltaStore.file_delta`) and must be refused with a
+(`server.fl.handle_reply` -> `DeltaStore.file_delta` -> `DeltaPolicy.check`) and must be refused with a
 reason and leave nothing in the store. The privacy check builds a real reply by
 calling the ClientApp with a real Message and inspects every record of it.
 """
@@ -16,11 +16,12 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.protocol import BLOB_KEY, TRAIN, base_records, blob_record, checkpoint_from_records
+from store.protocol import BLOB_KEY, TRAIN, base_records, blob_record, checkpoint_from_records
 from model.checkpoint import load_checkpoint
 from model.delta import deltable_keys, encode_delta, extract_delta, read_metadata
 from server.fl import FLSettings, handle_reply, make_store, run_federation
-from server.registry import BaseModelInfo
+from store.deltas import DeltaStore
+from store.policy import DeltaPolicy
 from tests.fixtures_flower import make_checkpoint, write_random_shards
 
 
@@ -49,13 +50,15 @@ def ck(ck_url):
 
 @pytest.fixture(scope="module")
 def base(ck):
-    return BaseModelInfo.from_model(ck.model, ck.sha256)
+    return DeltaPolicy.for_model(ck.model, ck.sha256)
 
 
 @pytest.fixture
 def store(tmp_path, ck, base):
+    """The server's store without the trust region, so that each rule below is the one that refuses (the trust
+    region would refuse most bad deltas first); the trust region has its own test."""
     settings = FLSettings(base_checkpoint="unused", storage=str(tmp_path / "store"))
-    return make_store(settings, base)
+    return DeltaStore(settings.storage, DeltaPolicy.for_model(ck.model, ck.sha256, norm_bound=settings.norm_bound))
 
 
 def honest_delta(ck, scale: float = 1e-3, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -89,7 +92,7 @@ def reply(data: bytes | None, person: str = "alice", state: str = "ok", extra: d
 
 def test_honest_delta_is_stored_with_latest_json(ck, base, store):
     data = encode(ck, honest_delta(ck))
-    entry = handle_reply(reply(data), store, base)
+    entry = handle_reply(reply(data), store)
     assert entry["status"] == "stored", entry
     latest = store.latest("alice")
     assert latest["version"] == entry["version"] and latest["base_sha256"] == ck.sha256
@@ -161,20 +164,20 @@ TAMPERED = {
 @pytest.mark.parametrize("case", list(TAMPERED))
 def test_tampered_delta_is_refused_with_reason(case, ck, base, store):
     make, pattern = TAMPERED[case]
-    entry = handle_reply(reply(make(ck)), store, base)
+    entry = handle_reply(reply(make(ck)), store)
     assert entry["status"] == "refused", entry
     assert re.search(pattern, entry["reason"]), entry["reason"]
     assert store.persons() == [] and store.latest("alice") is None
 
 
 def test_oversized_delta_is_refused_before_decoding(ck, base, store):
-    cap = store.max_bytes
+    cap = store.policy.max_bytes
     fp32_all = encode(ck, {k: torch.full_like(base.state[k], 1e-6) for k in base.allowed_keys}, dtype="fp32")
     assert len(fp32_all) <= cap, "an honest full fp32 delta must fit the default cap"
-    entry = handle_reply(reply(fp32_all + b"\0" * (cap - len(fp32_all) + 1)), store, base)
+    entry = handle_reply(reply(fp32_all + b"\0" * (cap - len(fp32_all) + 1)), store)
     assert entry["status"] == "refused" and re.search(r"over the \d+-byte cap", entry["reason"]), entry
-    small = make_store(FLSettings(base_checkpoint="x", storage=store.url, max_delta_bytes=1000), base)
-    entry = handle_reply(reply(encode(ck, honest_delta(ck))), small, base)
+    small = make_store(FLSettings(base_checkpoint="x", storage=store.url, max_delta_bytes=1000), ck)
+    entry = handle_reply(reply(encode(ck, honest_delta(ck))), small)
     assert entry["status"] == "refused" and "1000-byte cap" in entry["reason"]
     assert store.persons() == []
 
@@ -182,7 +185,7 @@ def test_oversized_delta_is_refused_before_decoding(ck, base, store):
 @pytest.mark.parametrize("person,pattern", [("../etc", r"invalid person id"), ("", r"invalid person id"),
                                             ("bob", r"is for person 'alice', not 'bob'")])
 def test_person_id_is_checked(person, pattern, ck, base, store):
-    entry = handle_reply(reply(encode(ck, honest_delta(ck), person="alice"), person=person), store, base)
+    entry = handle_reply(reply(encode(ck, honest_delta(ck), person="alice"), person=person), store)
     assert entry["status"] == "refused" and re.search(pattern, entry["reason"]), entry
     assert store.persons() == []
 
@@ -190,24 +193,24 @@ def test_person_id_is_checked(person, pattern, ck, base, store):
 def test_reply_with_extra_records_or_list_metrics_is_refused(ck, base, store):
     data = encode(ck, honest_delta(ck))
     leak = ArrayRecord({"frames": Array(np.zeros((2, 8, 8, 3), np.uint8))})
-    entry = handle_reply(reply(data, extra={"images": leak}), store, base)
+    entry = handle_reply(reply(data, extra={"images": leak}), store)
     assert entry["status"] == "refused" and "images" in entry["reason"]
-    entry = handle_reply(reply(data, metrics=MetricRecord({"keypoints": [1.0, 2.0, 3.0]})), store, base)
+    entry = handle_reply(reply(data, metrics=MetricRecord({"keypoints": [1.0, 2.0, 3.0]})), store)
     assert entry["status"] == "refused" and "single numbers" in entry["reason"]
     two = ArrayRecord({BLOB_KEY: Array(np.frombuffer(data, np.uint8).copy()), "more": Array(np.zeros(3))})
     msg = reply(None)
     msg.content["delta"] = two
-    entry = handle_reply(msg, store, base)
+    entry = handle_reply(msg, store)
     assert entry["status"] == "refused" and "exactly one array" in entry["reason"]
     assert store.persons() == []
 
 
 def test_client_error_and_flower_error_are_failures_not_crashes(ck, base, store):
-    entry = handle_reply(reply(None, state="error"), store, base)
+    entry = handle_reply(reply(None, state="error"), store)
     assert entry["status"] == "failed"
     from flwr.app import Error
 
-    entry = handle_reply(Message(Error(code=3, reason="ClientApp raised"), reply_to=instruction()), store, base)
+    entry = handle_reply(Message(Error(code=3, reason="ClientApp raised"), reply_to=instruction()), store)
     assert entry["status"] == "failed" and "ClientApp raised" in entry["reason"]
 
 
@@ -263,7 +266,7 @@ def test_client_reply_holds_no_pixels_or_keypoints(ck, base, store, person_shard
         assert np.asarray(r["keypoints"], np.float32)[:6].tobytes() not in everything
     assert len(blob) < sum(f.image.nbytes for f in frames) * 10  # sanity: a delta, not a dataset
     # and the server accepts it
-    entry = handle_reply(out, store, base)
+    entry = handle_reply(out, store)
     assert entry["status"] == "stored", entry
 
 
@@ -272,9 +275,9 @@ def test_client_online_scenario_and_fp16(ck, base, store, person_shards):
                       settings={"scenario": "online", "ttp-steps": 3, "delta-dtype": "fp16", "seed": 1, "round": 1})
     assert out.content["status"]["state"] == "ok", out.content["status"]["reason"]
     assert out.content["metrics"]["steps"] > 0
-    entry = handle_reply(out, store, base)
+    entry = handle_reply(out, store)
     assert entry["status"] == "stored", entry
-    assert store.load_latest("p001", base)[1]["scenario"] == "online"
+    assert store.load_latest("p001")[1]["scenario"] == "online"
 
 
 def test_client_with_missing_or_empty_data_answers_with_an_error_record(ck, tmp_path):
@@ -414,11 +417,11 @@ def test_server_holds_deltas_to_the_base_trust_region(tmp_path, person_shards):
     url = str(tmp_path / "ck")
     make_checkpoint(url, ["ttp.drift_steps=1"])
     ck = load_checkpoint(url)
-    base = BaseModelInfo.from_model(ck.model, ck.sha256)
+    base = DeltaPolicy.for_model(ck.model, ck.sha256)
     radius = ck.config.ttp.drift_radius
     assert radius == ck.config.ttp.lr
     settings = FLSettings(base_checkpoint=url, storage=str(tmp_path / "store"))
-    store = make_store(settings, base, radius)
+    store = make_store(settings, ck)
     for person, dtype in (("p000", "int8"), ("p001", "fp16")):
         out = client_call(ck, {"person-id": person, "data-path": person_shards},
                           settings={"scenario": "offline", "ttp-steps": 3, "delta-dtype": dtype, "seed": 0,
@@ -428,7 +431,7 @@ def test_server_holds_deltas_to_the_base_trust_region(tmp_path, person_shards):
         delta, _ = decode_and_validate(blob, base.state, base.allowed_keys, base.sha256)
         largest = max(float(v.abs().max()) for v in delta.values())
         assert 0.99 * radius < largest < 1.01 * radius, (dtype, largest / radius)  # three steps reach the edge
-        assert handle_reply(out, store, base)["status"] == "stored"
+        assert handle_reply(out, store)["status"] == "stored"
     k = next(iter(delta))
     delta[k].view(-1)[0] = 1.05 * radius
     beyond = encode(ck, delta, dtype="fp32", person="p002")
@@ -444,5 +447,5 @@ def test_server_holds_deltas_to_the_base_trust_region(tmp_path, person_shards):
     assert summary["trust_region"] == radius
     entry = summary["persons"]["p002"]
     assert entry["status"] == "refused" and "beyond the trust region" in entry["reason"], entry
-    unbounded = make_store(settings, base)
-    assert handle_reply(reply(beyond, person="p002"), unbounded, base)["status"] == "stored"
+    unbounded = DeltaStore(settings.storage, DeltaPolicy.for_model(ck.model, ck.sha256))
+    assert handle_reply(reply(beyond, person="p002"), unbounded)["status"] == "stored"

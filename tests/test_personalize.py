@@ -11,7 +11,7 @@ from model.delta import apply_delta, decode_and_validate, deltable_keys, encode_
 from model.network import build_model
 from model.personalize import adaptable_parameters, draw_sources, personalize
 from model.predict import predict_crops
-from training.loop import build_recon_loss
+from core.checkpoints import build_recon_loss
 
 
 def calibrate_norm_statistics(model, crops):

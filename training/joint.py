@@ -1,4 +1,4 @@
-"""Joint training on Ray Train (DESIGN §3): L_sup + lambda * L_self, DDP over N workers, checkpoints in the §5 format.
+"""Joint training on Ray Train: L_sup + lambda * L_self, DDP over N workers, checkpoints a server and TTP can load.
 
 Run it four ways (the same file; `posettp train` takes the same flags):
 
@@ -51,9 +51,9 @@ from safetensors.torch import save as st_save
 from model import io
 from model.checkpoint import META, WEIGHTS, restore_loss_buffers, save_checkpoint
 from model.config import Config, ConfigError, from_dict, load_config
-from model.network import build_model
 from training.data import batch_stream, derive_seed, load_worker_frames, validation_frames
-from training.loop import build_recon_loss, make_optimizer, seed_everything, to_training_layout, train_step
+from core.checkpoints import build_recon_loss
+from training.loop import build_training, seed_everything, train_step
 
 FAIL_ENV = "POSETTP_FAIL_AT_STEP"
 MAX_FAILURES = int(os.environ.get("POSETTP_MAX_FAILURES", "3"))
@@ -138,7 +138,7 @@ def restore_rank_state(data: bytes, meta: dict, recon_loss) -> None:
 
 def write_train_checkpoint(directory: str, rank: int, core, recon_loss, optimizer, cfg: Config, step: int,
                            metrics: dict, extra: dict) -> None:
-    """Rank 0 writes the §5 checkpoint + optimizer; every rank writes its own RNG file (Ray merges the dirs)."""
+    """Rank 0 writes the checkpoint and the optimizer state; every rank its own RNG file (Ray merges the dirs)."""
     if rank == 0:
         save_checkpoint(directory, core, cfg, step, metrics, recon_loss, extra=extra)
         data, meta = optimizer_state_files(optimizer)
@@ -217,7 +217,7 @@ def _maybe_fail(step: int, rank: int, world: int, fail_at: int | None, run_url: 
 
 def _validate(core, val, dataset: str) -> dict:
     from model.predict import predict_crops
-    from training.evaluate import score
+    from core.scoring import score
 
     crops, matrices, frames = val
     predictions = predict_crops(core, crops, matrices)
@@ -232,14 +232,10 @@ def train_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
 
-    seed_everything(cfg.train.seed)  # same initial weights on every rank
-    core = build_model(cfg.model)
-    recon_loss = build_recon_loss(core, cfg)
+    core, recon_loss, optimizer = build_training(cfg, device)  # same initial weights on every rank
     state, source = None, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -252,20 +248,14 @@ def train_worker(config: dict) -> None:
         core.load_state_dict(state.weights)
         if recon_loss is not None:
             restore_loss_buffers(recon_loss, state.meta.get("loss_buffers", {}))
-    core = to_training_layout(core)
-    model = ray.train.torch.prepare_model(core)
-    core = model.module if hasattr(model, "module") else model
-    if recon_loss is not None:
-        recon_loss.to(device)
-    optimizer = make_optimizer(core, cfg)
-    if state:
         load_optimizer_state(optimizer, *state.optimizer)
+    model = ray.train.torch.prepare_model(core)  # DDP over `core` (the optimizer's parameters) when world > 1
 
     frames, shard = load_worker_frames(config["data_url"], cfg.data.train_split, rank, world)
     batches = batch_stream(frames, cfg, rank, start_step, pin_memory=cuda)
     val = None
     if rank == 0 and config["has_val"]:
-        from data.pairs import prepare_frames
+        from core.crops import prepare_frames
 
         vf = validation_frames(config["data_url"], cfg.data.val_split, cfg.train.val_frames)
         crops, matrices, _ = prepare_frames(vf, cfg.model.image_size)

@@ -4,45 +4,26 @@ from __future__ import annotations
 import time
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model.config import Config
-from model.network import PoseTTPNet, build_model
 
-from .data import labeled
-from .loop import build_recon_loss, make_optimizer, seed_everything, to_training_layout, train_step
-
-
-def infinite_batches(frames: list, cfg: Config, seed: int, pin_memory: bool = False):
-    from data.pairs import PairDataset
-
-    dataset = PairDataset(labeled(frames), cfg.model.image_size, cfg.data, seed=seed, augment=True)
-    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
-                        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(seed),
-                        pin_memory=pin_memory)
-    while True:
-        yield from loader
+from .data import batch_stream, labeled
+from core.checkpoints import build_recon_loss
+from .loop import build_training, train_step
 
 
 def train_local(cfg: Config, train_frames: list, progress: bool = True, desc: str = "train",
                 device: torch.device | None = None):
     """Returns (model, recon_loss, history) after cfg.train.max_steps steps, on `device` (default CPU).
 
-    The weights are initialised on the CPU whatever the device, so a seed gives the same initial model on a GPU.
+    Setup, batches and step are a Ray worker's (rank 0 of 1), so a local run trains what `posettp train`
+    trains, and a seed gives the same initial model on a GPU.
     """
     device = device or torch.device("cpu")
-    seed_everything(cfg.train.seed)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    model: PoseTTPNet = to_training_layout(build_model(cfg.model).to(device))
-    recon_loss = build_recon_loss(model, cfg)
-    if recon_loss is not None:
-        recon_loss.to(device)
-    optimizer = make_optimizer(model, cfg)
-    model.train()
+    model, recon_loss, optimizer = build_training(cfg, device)
     history = []
-    batches = infinite_batches(train_frames, cfg, cfg.train.seed, pin_memory=device.type == "cuda")
+    batches = batch_stream(labeled(train_frames), cfg, rank=0, start_step=0, pin_memory=device.type == "cuda")
     t0 = time.perf_counter()
     bar = tqdm(range(cfg.train.max_steps), desc=desc, disable=not progress, mininterval=5)
     for step in bar:

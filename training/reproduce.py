@@ -24,11 +24,14 @@ import numpy as np
 from scipy.signal import savgol_filter
 from tqdm import tqdm
 
+from core.checkpoints import model_with_loss
+from core.frames import labeled_person_frames
+from core.scoring import evaluate_person, per_frame_pck, score
+from data.shards import load_frames
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.config import VARIANTS, Config, load_config
+from model.config import VARIANTS, Config, apply_overrides, from_dict, load_config
 from model.device import pick_device
 
-from .evaluate import evaluate_person, labeled_person_frames, model_with_loss, per_frame_pck, score
 from .local import train_local
 
 log = logging.getLogger(__name__)
@@ -80,8 +83,6 @@ class Experiment:
         """Models (and the evaluations cached with them) made with other model/loss/train/data settings would
         be mixed into this run's tables: refuse such an --out instead. The inference-only settings are not: they
         do not change training, and the evaluations' cache names carry them."""
-        from model.config import from_dict
-
         for meta in sorted((self.out / "models").glob("*/config.json")):
             trained = from_dict(json.loads(meta.read_text())["config"])
             wanted = self.training_config(trained.model.variant, trained.train.seed)
@@ -107,8 +108,6 @@ class Experiment:
         """Train (or reuse) one variant/seed; returns (model, recon_loss, cfg)."""
         path = self.model_path(variant, seed)
         if not (path / "model.safetensors").is_file():
-            from data.shards import load_frames
-
             if self._train_frames is None:
                 self._train_frames = load_frames(self.data_url, split=self.cfg.data.train_split)
             cfg = self.training_config(variant, seed)
@@ -165,8 +164,6 @@ class Experiment:
 
 
 def _with(cfg: Config, overrides: list[str]) -> Config:
-    from model.config import apply_overrides, from_dict
-
     return apply_overrides(from_dict(cfg.to_dict()), overrides)
 
 
@@ -310,8 +307,6 @@ def fig4(exp: Experiment) -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from data.shards import load_frames
-
     extras = {pid: [f for f in load_frames(exp.data_url, split=exp.cfg.data.test_split, person=pid)
                     if not f.keypoints[:, 2].any()] for pid in exp.test_persons()}
     available = min(len(v) for v in extras.values())
@@ -406,8 +401,6 @@ _worker: Experiment | None = None
 
 def _start_worker(cfg_dict: dict, out: str, seeds: int, threads: int, device: str) -> None:
     import torch
-
-    from model.config import from_dict
 
     global _worker
     torch.set_num_threads(threads)

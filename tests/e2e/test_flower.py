@@ -69,9 +69,10 @@ def summary_of(store: Path, run_id: str) -> dict:
 
 def apply_stored(base_ck, store_url: str, person: str):
     from model.delta import apply_delta
-    from server.registry import BaseModelInfo, DeltaStore
+    from store.policy import DeltaPolicy
+    from store.deltas import DeltaStore
 
-    found = DeltaStore(store_url).load_latest(person, BaseModelInfo.from_model(base_ck.model, base_ck.sha256))
+    found = DeltaStore(store_url, DeltaPolicy.for_checkpoint(base_ck)).load_latest(person)
     assert found is not None, f"no delta stored for {person}"
     delta, meta, record = found
     model = type(base_ck.model)(base_ck.model.cfg)
@@ -82,10 +83,10 @@ def apply_stored(base_ck, store_url: str, person: str):
 def test_simulation_stores_a_delta_per_person_equal_to_a_local_run(assets, tmp_path):
     from client.ttp_job import run_ttp
     from data.shards import list_persons, load_frames
-    from data.pairs import prepare_frames
+    from core.crops import prepare_frames
     from model.checkpoint import load_checkpoint
     from model.predict import predict_crops
-    from training.evaluate import score
+    from core.scoring import score
 
     n = assets["persons"]
     home, store = tmp_path / "flwr", tmp_path / "store"
@@ -124,9 +125,9 @@ def test_simulation_stores_a_delta_per_person_equal_to_a_local_run(assets, tmp_p
         data, metrics, result = run_ttp(load_checkpoint(assets["ck"]), frames, "offline", ck.config.ttp, SEED, p,
                                         "fp32", device="cpu")
         from model.delta import decode_and_validate
-        from server.registry import BaseModelInfo
+        from store.policy import DeltaPolicy
 
-        info = BaseModelInfo.from_model(ck.model, ck.sha256)
+        info = DeltaPolicy.for_model(ck.model, ck.sha256)
         local_delta, _ = decode_and_validate(data, info.state, info.allowed_keys, ck.sha256)
         assert set(local_delta) == set(delta)
         for k in delta:  # bit-equal here (1 thread both sides); tolerance for other thread counts

@@ -257,7 +257,8 @@ def test_worker_layout_fits_the_cluster_and_never_shares_a_gpu_over_nccl():
 def test_optimizer_and_rng_state_round_trip_without_pickles(tmp_path):
     from training.joint import (load_optimizer_state, optimizer_state_files, rank_state_files,
                                 restore_rank_state)
-    from training.loop import build_recon_loss, make_optimizer
+    from core.checkpoints import build_recon_loss
+    from training.loop import make_optimizer
 
     cfg = load_config("configs/synth_small.yaml", ["model.image_size=64"])
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""What travels between the Flower ServerApp (`server/fl.py`) and ClientApp (`client/app.py`).
+"""What travels between the Flower ServerApp and ClientApp: one definition both sides import.
 
 Server -> client, message type `train`:
   `base`    ArrayRecord: the full base state dict (one array per tensor, numpy, no pickle)
@@ -10,7 +10,7 @@ Client -> server (reply):
             `base-sha256` (recomputed by the client from the weights it received)
   `metrics` MetricRecord: numbers only (frames, steps, loss_before, loss_after, guard_events,
             seconds, ttp_seconds, delta_bytes, delta_tensors, peak_rss_mb, download_bytes)
-  `delta`   ArrayRecord with one uint8 array `safetensors`: the delta file of DESIGN §5
+  `delta`   ArrayRecord with one uint8 array `safetensors`: a delta file as `model.delta` encodes it
             (only when state is ok). Sent as an array so Flower chunks it like weights.
 Server -> client, message type `query.verdict`: `verdict` ConfigRecord (person-id, status,
   reason, version); the client logs it and answers `ack`.
@@ -54,7 +54,7 @@ def base_records(ck: Checkpoint, settings: dict) -> tuple[ArrayRecord, ConfigRec
 def checkpoint_from_records(arrays: ArrayRecord, config: ConfigRecord) -> Checkpoint:
     """Rebuild the base model from the received arrays + config.json and verify its hash.
 
-    The sha256 is recomputed the way model/checkpoint.py defines a checkpoint's
+    The sha256 is recomputed the way `model.checkpoint` defines a checkpoint's
     identity (safetensors bytes of the model's state dict), from the model the
     client will actually run, and compared with the hash the server announced.
     """
