@@ -20,9 +20,11 @@ demo: $(STAMP)
 	$(BIN)/posettp demo --out demo-out
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -x tests
 
 test-fast: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -x -m "not slow" tests
 
 bench: $(STAMP)

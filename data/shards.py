@@ -1,4 +1,4 @@
-"""Parquet shards of pose frames (DESIGN §5) read and written through fsspec URLs.
+"""Parquet shards of pose frames, one row per frame, read and written through fsspec URLs.
 
 A dataset is a directory (`/path`, `file://`, `s3://`) of `part-NNNNN.parquet`
 files plus `manifest.json`. Each part is written under a temporary name and

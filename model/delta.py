@@ -111,7 +111,7 @@ def decode_and_validate(data: bytes, base_state: dict[str, torch.Tensor], allowe
     if dtype not in DTYPES:
         raise DeltaRejected(f"unknown delta dtype {dtype!r}")
     try:
-        stored = st_load(data)
+        stored = dict(sorted(st_load(data).items()))  # load order varies: sorted, every reader names one tensor
         scales = json.loads(meta.get("scales", "{}"))
     except (SafetensorError, json.JSONDecodeError, ValueError) as exc:
         raise DeltaRejected(f"unreadable delta: {exc}") from exc

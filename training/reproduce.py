@@ -175,8 +175,9 @@ def paired(a: dict, b: dict, key: str = "pck@0.2") -> np.ndarray:
 
 def gains_per_person(pairs: list[tuple[dict, dict]], key: str = "pck@0.2") -> dict[str, float]:
     """Each person's gain averaged over the (without, with) evaluation pairs of the training seeds. A person x seed
-    pair that loses a point mostly gains on the other seeds (README, "Pseudo-labels only where the two views
-    agree"): whether TTP hurts a person is this mean; table1 reports both counts."""
+    pair that loses a point mostly gains on the other seeds (with the opt-in pseudo-labels, all 3 of the transformer's
+    offline pairs below -1 gained on both other seeds): whether TTP hurts a person is this mean; table1 reports both
+    counts."""
     gains: dict[str, list[float]] = {}
     for without, with_ in pairs:
         for r, gain in zip(with_["persons"], paired(without, with_, key)):

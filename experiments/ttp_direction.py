@@ -13,7 +13,7 @@ the first is the seed `posettp reproduce` uses, so it reproduces Table 1's offli
 The safeguards decide per person and seed whether to adapt at all (a person they keep at the base scores its
 base PCK, as in Table 1); the null and the spread across seeds are taken over the persons each seed adapted.
 
-Run: .venv/bin/python -m bench.ttp_direction --run OUT_OF_REPRODUCE [--seeds 0,1,2 --ttp-seeds 3 --flips 2
+Run: .venv/bin/python -m experiments.ttp_direction --run OUT_OF_REPRODUCE [--seeds 0,1,2 --ttp-seeds 3 --flips 2
      --jobs 2 --out F]
 """
 from __future__ import annotations

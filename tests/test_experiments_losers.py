@@ -1,4 +1,4 @@
-"""bench/ttp_losers.py judges label-free signals by how they rank the persons TTP hurts: its views must map
+"""experiments/ttp_losers.py judges label-free signals by how they rank the persons TTP hurts: its views must map
 predictions back to the image exactly, its jitter must count only consecutive frames of one video, and its rules
 must keep a rolled-back person at the base score."""
 from types import SimpleNamespace
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 
-from bench.ttp_losers import VIEWS, _auc, _then, _view, jitter, summary
+from experiments.ttp_losers import VIEWS, _auc, _then, _view, jitter, summary
 from model.transforms import apply_affine, crop_matrix
 
 

@@ -1,8 +1,9 @@
-"""bench/ttp_signal.py measures what the TTP loss can see; its two oracles and its keypoint offsets are checked here."""
+"""experiments/ttp_signal.py measures what the TTP loss can see; its two oracles and its keypoint offsets are checked
+here."""
 import numpy as np
 import torch
 
-from bench.ttp_signal import bias_free_pck, loss_response
+from experiments.ttp_signal import bias_free_pck, loss_response
 from data.shards import Frame
 from model.config import load_config
 from model.metrics import pck

@@ -1,8 +1,8 @@
-"""bench/ttp_direction.py takes TTP's update apart: the sign-flipped null must keep every magnitude, the seeds' mean
-delta must be an element-wise mean, and persons left at the base weights must stay out of every statistic."""
+"""experiments/ttp_direction.py takes TTP's update apart: the sign-flipped null must keep every magnitude, the seeds'
+mean delta must be an element-wise mean, and persons left at the base weights must stay out of every statistic."""
 import torch
 
-from bench.ttp_direction import mean_delta, sign_flipped, summary
+from experiments.ttp_direction import mean_delta, sign_flipped, summary
 
 
 def test_sign_flipped_keeps_every_magnitude_and_draws_the_signs():

@@ -8,7 +8,7 @@
    in both frames of a pair: the shape of a per-video bias. A loss blind to (b) cannot correct such a bias,
    whatever the optimiser does.
 
-Run: .venv/bin/python -m bench.ttp_signal --checkpoint CK --data URL [--split test --persons 30]
+Run: .venv/bin/python -m experiments.ttp_signal --checkpoint CK --data URL [--split test --persons 30]
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ online and offline, with the run's own TTP settings. Training persons are never 
 cached evaluations. `--components` shifts only some parts of the look (`posettp synth --shift-components`), to
 see which kind of shift TTP can undo.
 
-Run: .venv/bin/python -m bench.ttp_vs_shift --run OUT_OF_REPRODUCE --shifts 0,0.3,0.5,0.7 --out DIR [--jobs 2]
+Run: .venv/bin/python -m experiments.ttp_vs_shift --run OUT_OF_REPRODUCE --shifts 0,0.3,0.5,0.7 --out DIR [--jobs 2]
      [--components clothing,body,background]
 """
 from __future__ import annotations

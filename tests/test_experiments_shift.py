@@ -1,9 +1,10 @@
-"""bench/ttp_vs_shift.py re-scores a run's test persons at other shift strengths: they must be the same persons."""
+"""experiments/ttp_vs_shift.py re-scores a run's test persons at other shift strengths: they must be the same
+persons."""
 import argparse
 
 import numpy as np
 
-from bench.ttp_vs_shift import shifted_test_persons, suffix
+from experiments.ttp_vs_shift import shifted_test_persons, suffix
 from data.synth import main as synth_main
 from model.config import load_config
 from core.frames import labeled_person_frames

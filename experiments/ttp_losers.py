@@ -1,7 +1,7 @@
 """Can the persons TTP hurts be told apart without labels?
 
-`bench.ttp_direction` found that a person's loss is the update's direction, repeated by every TTP seed: a property
-of the person. The safeguards (`model/personalize.py`) judge the reconstruction loss, its pose signal and the
+`experiments.ttp_direction` found that a person's loss is the update's direction, repeated by every TTP seed: a
+property of the person. The safeguards (`model/personalize.py`) judge the reconstruction loss, its pose signal and the
 supervised heatmaps' peaks on probe frames, and they let those persons through. This measures, for every person the
 offline TTP of `posettp reproduce` adapted, other label-free signals on the person's own frames, for the base and
 for the adapted model, and how well the change in each predicts the gain:
@@ -18,7 +18,7 @@ for the adapted model, and how well the change in each predicts the gain:
 For each: the Spearman correlation of its change with the gain, how well it ranks the persons that lose (AUC), and
 what a threshold-free rule would give (keep the base wherever the signal got worse).
 
-Run: .venv/bin/python -m bench.ttp_losers --run OUT_OF_REPRODUCE [--seeds 0,1,2 --persons 30 --jobs 2
+Run: .venv/bin/python -m experiments.ttp_losers --run OUT_OF_REPRODUCE [--seeds 0,1,2 --persons 30 --jobs 2
      --set data.url=... --set data.test_split=val --out F]
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.ttp_direction import rows_of_every_seed, run_arguments, transformer_setup
+from experiments.ttp_direction import rows_of_every_seed, run_arguments, transformer_setup
 from core.crops import prepare_frames
 from model.config import apply_overrides, from_dict
 from model.delta import apply_delta, extract_delta
