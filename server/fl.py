@@ -38,6 +38,7 @@ from core.scoring import evaluate_person, headline_metric
 from data.shards import read_manifest
 from model import io
 from model.checkpoint import Checkpoint, load_checkpoint, restore_loss_buffers, save_checkpoint, state_bytes
+from model.config import setting, settings_from_mapping
 from model.delta import DTYPES, DeltaRejected, apply_delta
 from store.deltas import DeltaStore
 from store.policy import DeltaPolicy, check_person_id
@@ -51,10 +52,7 @@ ALLOWED_REPLY_RECORDS = {"status", "metrics", "delta"}
 
 
 # The run config's keys are these fields with `-` for `_`; pyproject.toml's [tool.flwr.app.config] states the
-# same defaults (tests/test_settings.py holds the two together). Imported here, beside the settings it declares.
-from model.config import setting, settings_from_mapping  # noqa: E402
-
-
+# same defaults (tests/test_settings.py holds the two together).
 @dataclass
 class FLSettings:
     base_checkpoint: str = setting("", "checkpoint directory/URL the server loads (an absolute path); required")

@@ -54,7 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from model import io
 from model.checkpoint import META, load_checkpoint
-from model.config import from_dict
+from model.config import from_dict, setting, settings_from_mapping
 from model.delta import DEFAULT_NORM_BOUND, DeltaRejected, apply_delta
 from model.network import PoseTTPNet
 from model.predict import predict_crops
@@ -72,10 +72,6 @@ INLINE_DECODE_BYTES = 256 * 1024
 
 # ---------------------------------------------------------------------------------------------
 # settings (the `args` of configs/serve.yaml)
-
-
-# Imported here, beside the settings it declares: the one helper that turns a mapping into settings.
-from model.config import setting, settings_from_mapping  # noqa: E402
 
 
 @dataclass
