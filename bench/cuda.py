@@ -20,7 +20,6 @@ import torch
 from model.config import load_config
 from model.personalize import _Adapter
 from model.predict import predict_crops
-from core.checkpoints import build_recon_loss
 from training.loop import build_training, train_step
 
 from .common import machine, median_ms

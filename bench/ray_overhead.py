@@ -28,7 +28,6 @@ from types import SimpleNamespace
 from bench.common import machine
 from model.config import load_config
 from training.data import batch_stream, load_worker_frames
-from core.checkpoints import build_recon_loss
 from training.loop import build_training, train_step
 
 REPO = Path(__file__).resolve().parents[1]

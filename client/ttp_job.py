@@ -13,6 +13,7 @@ import time
 
 from core.checkpoints import model_with_loss
 from core.crops import prepare_frames
+from model.augment import Augmentation
 from model.checkpoint import Checkpoint
 from model.config import TTPConfig
 from model.delta import deltable_keys, encode_delta, extract_delta
@@ -32,8 +33,8 @@ def run_ttp(checkpoint: Checkpoint, frames: list, scenario: str, cfg_ttp: TTPCon
     """Personalize the checkpoint's model on one person's frames.
 
     Returns (delta bytes, metrics, TTPResult). The delta is `model.delta`'s safetensors
-    encoding (encoder.* / self_head.* changes only, base sha256 of `checkpoint.sha256`); it holds no tensors when nothing changed (e.g. the
-    guard rolled back to the base), which `metrics["delta_tensors"] == 0` says.
+    encoding (encoder.* / self_head.* changes only, base sha256 of `checkpoint.sha256`); it holds no tensors
+    when nothing changed (e.g. the guard rolled back to the base), which `metrics["delta_tensors"] == 0` says.
     The checkpoint's model is not modified.
     """
     if not frames:
@@ -43,7 +44,8 @@ def run_ttp(checkpoint: Checkpoint, frames: list, scenario: str, cfg_ttp: TTPCon
     base_state = {k: v.detach().cpu().clone() for k, v in checkpoint.model.state_dict().items()}
     model, recon = model_with_loss(checkpoint, dev)
     crops, matrices, groups = prepare_frames(frames, checkpoint.config.model.image_size)
-    result = personalize(model, recon, crops.to(dev), matrices, groups, cfg_ttp, scenario, seed)
+    result = personalize(model, recon, crops.to(dev), matrices, groups, cfg_ttp, scenario, seed,
+                         augment=Augmentation.from_data(checkpoint.config.data))
     checkpoint.model.to("cpu")  # the caller's checkpoint back where it was; both are no-ops on the CPU
     result.state = {k: v.cpu() for k, v in result.state.items()}
     keys = deltable_keys(base_state, {n for n, _ in checkpoint.model.named_parameters()})

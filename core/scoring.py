@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from model.augment import Augmentation
 from model.config import Config
 from model.metrics import bbc_macc, pck, pck_hits
 from model.personalize import personalize
@@ -47,16 +48,18 @@ def evaluate_person(model, recon_loss, cfg: Config, frames: list, scenario: str,
     device = next(model.parameters()).device  # the crops go where the model is
     crops, matrices, groups = prepare_frames(frames, cfg.model.image_size)
     crops = crops.to(device)
+    augment = Augmentation.from_data(cfg.data)  # the pairs TTP draws are augmented as training's are
     result = {"frames": len(frames)}
     if scenario == "none":
         predictions = predict_crops(model, crops, matrices)
     elif scenario == "offline" and adapt_frames is not None:
         a_crops, a_matrices, a_groups = prepare_frames(adapt_frames, cfg.model.image_size)
-        ttp = personalize(model, recon_loss, a_crops.to(device), a_matrices, a_groups, cfg.ttp, scenario, seed)
+        ttp = personalize(model, recon_loss, a_crops.to(device), a_matrices, a_groups, cfg.ttp, scenario, seed,
+                          augment=augment)
         predictions = predict_crops(with_weights(model, ttp.state), crops, matrices)
         result["ttp"] = ttp.metrics
     else:
-        ttp = personalize(model, recon_loss, crops, matrices, groups, cfg.ttp, scenario, seed, on_frame)
+        ttp = personalize(model, recon_loss, crops, matrices, groups, cfg.ttp, scenario, seed, on_frame, augment)
         predictions = ttp.predictions
         result["ttp"] = ttp.metrics
     result.update(score(predictions, frames, cfg.data.dataset))

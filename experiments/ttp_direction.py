@@ -33,6 +33,7 @@ import torch
 from tqdm import tqdm
 
 from core.crops import prepare_frames
+from model.augment import Augmentation
 from model.config import from_dict
 from model.delta import apply_delta, deltable_keys, extract_delta
 from model.personalize import personalize
@@ -76,8 +77,9 @@ def person_rows(run: Path, run_cfg, seed: int, persons: int, ttp_seeds: int, fli
     rows = []
     for pid, frames in tqdm(list(exp.test_persons().items())[:persons], desc=f"transformer s{seed}", mininterval=10):
         crops, matrices, groups = prepare_frames(frames, cfg.model.image_size)
+        augment = Augmentation.from_data(cfg.data)
         deltas = [extract_delta(base, personalize(model, recon, crops, matrices, groups, cfg.ttp, "offline",
-                                                  seed + TTP_SEED_STRIDE * k).state, keys)
+                                                  seed + TTP_SEED_STRIDE * k, augment=augment).state, keys)
                   for k in range(ttp_seeds)]
         row = {"person_id": pid, "seed": seed, "none": pck_with({}, crops, matrices, frames),
                "adapted": [bool(d) for d in deltas], "ttp": [pck_with(d, crops, matrices, frames) for d in deltas],

@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from experiments.ttp_direction import rows_of_every_seed, run_arguments, transformer_setup
 from core.crops import prepare_frames
+from model.augment import Augmentation
 from model.config import apply_overrides, from_dict
 from model.delta import apply_delta, extract_delta
 from model.objectives import pose_signal
@@ -109,7 +110,8 @@ def person_rows(run: Path, run_cfg, seed: int, persons: int) -> list[dict]:
     rows = []
     for pid, frames in tqdm(list(exp.test_persons().items())[:persons], desc=f"transformer s{seed}", mininterval=10):
         crops, matrices, groups = prepare_frames(frames, cfg.model.image_size)
-        result = personalize(model, recon, crops, matrices, groups, cfg.ttp, "offline", seed)
+        result = personalize(model, recon, crops, matrices, groups, cfg.ttp, "offline", seed,
+                             augment=Augmentation.from_data(cfg.data))
         delta = extract_delta(base, result.state, keys)
         pairs = probe_pairs(crops, groups, len(crops), cfg.ttp.batch_size, FRESH_PAIR_SEED, cfg.ttp.cross_video)
         before, base_pred = signals(model, recon, crops, matrices, frames, pairs)

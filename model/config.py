@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from .transforms import flip_pairs_for
+
 
 class ConfigError(ValueError):
     """A configuration file or override that cannot be applied."""
@@ -338,8 +340,6 @@ def _validate(cfg: Config) -> None:
     mirrored = [key for key, on in (("model.flip_test", cfg.model.flip_test), ("ttp.flip_weight", cfg.ttp.flip_weight),
                                     ("ttp.pseudo_label_weight", cfg.ttp.pseudo_label_weight)) if on]
     if mirrored:
-        from .transforms import flip_pairs_for
-
         try:
             flip_pairs_for(cfg.model.num_joints)
         except ValueError as exc:

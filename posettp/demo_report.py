@@ -55,7 +55,7 @@ def query_persons(url: str, data: str) -> dict:
 
 
 def _plot_bars(path: Path, rows: list[dict]) -> None:
-    import matplotlib
+    import matplotlib  # lazy: only for the figures, and the backend must be set before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -75,7 +75,7 @@ def _plot_bars(path: Path, rows: list[dict]) -> None:
 
 
 def _plot_online_curve(path: Path, gains: list[list[float]]) -> None:
-    import matplotlib
+    import matplotlib  # lazy: only for the figures, and the backend must be set before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -97,7 +97,7 @@ def _plot_online_curve(path: Path, gains: list[list[float]]) -> None:
 
 def figure5(path: Path, model, frame, image_size: int) -> None:
     """Figure-5-style panels: 30 self-supervised keypoints, 13 joints, affinity arrows (W > 0.1), reconstruction."""
-    import matplotlib
+    import matplotlib  # lazy: only for the figures, and the backend must be set before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

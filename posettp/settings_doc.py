@@ -13,6 +13,8 @@ import typing
 from pathlib import Path
 
 from model.config import Config, help_of, is_research
+from server.fl import FLSettings
+from server.serve import ServeSettings
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
 
@@ -43,13 +45,10 @@ def table(cls: type, fields: list[dataclasses.Field], key=lambda name: name) -> 
 
 
 def render() -> str:
-    from server.fl import FLSettings
-    from server.serve import ServeSettings
-
     out = ["# Settings reference", "",
            "Generated from the settings dataclasses by `python -m posettp.settings_doc --write`; do not edit by hand.",
            "", "## Config", "",
-           "YAML files under `configs/` (`--config NAME_OR_PATH`) and `--set section.key=value` on every command "
+           "YAML files under `configs/` (`--config configs/NAME.yaml`) and `--set section.key=value` on every command "
            "with `--config`; unknown keys are errors. In each section the paper's settings (and the plumbing "
            "that runs them) come first, then the research knobs that go beyond the paper (`research` in the "
            "field's metadata, `model/config.py`).", ""]

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data.pairs import PairDataset
+from data.shards import list_persons, load_frames
 from model.config import Config
 
 
@@ -30,8 +32,6 @@ def derive_seed(*parts) -> int:
 
 def load_worker_frames(url: str, split: str, rank: int, world: int) -> tuple[list, dict]:
     """The labeled frames of this rank's slice of `split`, and a description of the slice."""
-    from data.shards import list_persons, load_frames
-
     persons = list_persons(url, split)
     if not persons:
         raise ValueError(f"{url}: no persons in split {split!r}")
@@ -57,8 +57,6 @@ def load_worker_frames(url: str, split: str, rank: int, world: int) -> tuple[lis
 
 def validation_frames(url: str, split: str, cap: int) -> list:
     """Up to `cap` labeled frames of `split`, taken round-robin over persons so every person counts."""
-    from data.shards import list_persons, load_frames
-
     if cap <= 0:
         return []
     per_person = [labeled(load_frames(url, split=split, person=p)) for p in list_persons(url, split)]
@@ -122,11 +120,10 @@ class EpochPairs(Dataset):
 def batch_stream(frames: list, cfg: Config, rank: int = 0, start_step: int = 0, pin_memory: bool = False):
     """An endless iterator of training batches (dicts of tensors) for steps start_step, start_step+1, ...
 
-    Nothing here touches the global RNGs (the loader has its own generator), so
-    the batches of a step depend only on (cfg.train.seed, rank, step).
+    The one batch stream of every trainer (Ray workers, `train_local`, the Ray-overhead bench). Nothing here
+    touches the global RNGs (the loader has its own generator), so the batches of a step depend only on
+    (cfg.train.seed, rank, step).
     """
-    from data.pairs import PairDataset
-
     pairs = PairDataset(frames, cfg.model.image_size, cfg.data, seed=derive_seed("aug", cfg.train.seed, rank) % 2 ** 31,
                         augment=True)
     sampler = StepBatchSampler(len(pairs), cfg.train.batch_size, cfg.train.seed, rank, start_step)

@@ -43,16 +43,24 @@ if __package__ in (None, ""):  # run as `python training/joint.py`: import the r
     sys.path.insert(0, str(_here.parent))  # (training/data.py must not shadow the top-level `data` package)
 
 import numpy as np
+import ray
+import ray.train
+import ray.train.torch
 import torch
 import yaml
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from core.crops import prepare_frames
+from core.scoring import score
+from data.shards import list_persons, read_manifest
 from model import io
 from model.checkpoint import META, WEIGHTS, restore_loss_buffers, save_checkpoint
 from model.config import Config, ConfigError, from_dict, load_config
+from model.predict import predict_crops
 from training.data import batch_stream, derive_seed, load_worker_frames, validation_frames
-from core.checkpoints import build_recon_loss
 from training.loop import build_training, seed_everything, train_step
 
 FAIL_ENV = "POSETTP_FAIL_AT_STEP"
@@ -216,9 +224,6 @@ def _maybe_fail(step: int, rank: int, world: int, fail_at: int | None, run_url: 
 
 
 def _validate(core, val, dataset: str) -> dict:
-    from model.predict import predict_crops
-    from core.scoring import score
-
     crops, matrices, frames = val
     predictions = predict_crops(core, crops, matrices)
     return {f"val_{k}": v for k, v in score(predictions, frames, dataset).items()}
@@ -226,9 +231,6 @@ def _validate(core, val, dataset: str) -> dict:
 
 def train_worker(config: dict) -> None:
     """The Ray Train loop: every rank runs this; rank 0 validates, writes the run files and the model."""
-    import ray.train
-    import ray.train.torch
-
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -255,8 +257,6 @@ def train_worker(config: dict) -> None:
     batches = batch_stream(frames, cfg, rank, start_step, pin_memory=cuda)
     val = None
     if rank == 0 and config["has_val"]:
-        from core.crops import prepare_frames
-
         vf = validation_frames(config["data_url"], cfg.data.val_split, cfg.train.val_frames)
         crops, matrices, _ = prepare_frames(vf, cfg.model.image_size)
         val = (crops, matrices, vf)
@@ -362,8 +362,6 @@ def _normalise_url(url: str) -> str:
 
 def _check_data(cfg: Config, url: str) -> bool:
     """The data URL must be a readable dataset with labeled train frames; returns whether val frames exist."""
-    from data.shards import list_persons, read_manifest
-
     try:
         manifest = read_manifest(url)
         splits = manifest.get("splits", {})
@@ -442,8 +440,6 @@ def plan_run(args) -> Plan:
 
 def init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`); else start a private local Ray."""
-    import ray
-
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS", "")
@@ -456,7 +452,7 @@ def init_ray() -> None:
 def ray_storage(storage: str):
     """(storage_path, storage_filesystem) for RunConfig: s3 with AWS_ENDPOINT_URL goes through s3fs."""
     if storage.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        import pyarrow.fs
+        import pyarrow.fs  # lazy: only runs on S3 go through s3fs
         import s3fs
 
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
@@ -494,12 +490,8 @@ def worker_layout(workers: int | None, gpus: int | None, cluster_cpus: int, clus
 
 def run_trainer(plan: Plan, worker_fn=None):
     """Launch the TorchTrainer for a validated plan; returns ray.train.Result."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     if worker_fn is None:  # by module reference, also when this file runs as __main__
-        from training import joint
+        from training import joint  # lazy: this very module by its package name, also when run as __main__
 
         worker_fn = joint.train_worker
 
@@ -532,7 +524,7 @@ def run_trainer(plan: Plan, worker_fn=None):
 
 
 def plot_curves(rows: list[dict], url: str) -> None:
-    import matplotlib
+    import matplotlib  # lazy: only for the figures, and the backend must be set before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -594,8 +586,6 @@ def main_from_args(args) -> int:
               f"{plan.cfg.train.max_steps}: nothing to train")
         finish(plan)
         return 0
-    from ray.train import TrainingFailedError
-
     try:
         result = run_trainer(plan)
     except TrainingFailedError as exc:

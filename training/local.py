@@ -9,7 +9,6 @@ from tqdm import tqdm
 from model.config import Config
 
 from .data import batch_stream, labeled
-from core.checkpoints import build_recon_loss
 from .loop import build_training, train_step
 
 
