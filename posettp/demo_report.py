@@ -54,12 +54,24 @@ def query_persons(url: str, data: str) -> dict:
     return out
 
 
-def _plot_bars(path: Path, rows: list[dict]) -> None:
-    import matplotlib  # lazy: only for the figures, and the backend must be set before pyplot loads
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (lazy: only the report draws, and the backend must be set first)."""
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(plt, fig, path: Path, dpi: int) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def _plot_bars(path: Path, rows: list[dict]) -> None:
+    plt = _pyplot()
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.8), 3.5))
     for i, (key, label) in enumerate((("base", "base (HTTP)"), ("online", "online TTP"),
@@ -69,17 +81,11 @@ def _plot_bars(path: Path, rows: list[dict]) -> None:
     ax.set_xlabel("test person")
     ax.set_ylabel("PCK@0.2 (%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, 120)
 
 
 def _plot_online_curve(path: Path, gains: list[list[float]]) -> None:
-    import matplotlib  # lazy: only for the figures, and the backend must be set before pyplot loads
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     length = min(len(g) for g in gains)
     mean = np.nanmean([g[:length] for g in gains], axis=0) * 100
     k = max(3, length // 8)
@@ -90,18 +96,12 @@ def _plot_online_curve(path: Path, gains: list[list[float]]) -> None:
     ax.set_xlabel("frame index")
     ax.set_ylabel("online gain (PCK points)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, 120)
 
 
 def figure5(path: Path, model, frame, image_size: int) -> None:
     """Figure-5-style panels: 30 self-supervised keypoints, 13 joints, affinity arrows (W > 0.1), reconstruction."""
-    import matplotlib  # lazy: only for the figures, and the backend must be set before pyplot loads
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
 
     crop, _ = prepare_frame(frame, image_size)
     with torch.no_grad():
@@ -128,9 +128,7 @@ def figure5(path: Path, model, frame, image_size: int) -> None:
     axes[2].set_title("affinity W > 0.1 (keypoint → joint)")
     axes[3].imshow(recon)
     axes[3].set_title("reconstruction")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, 110)
 
 
 def write_report(out: Path, checkpoint: str, data: str, served: dict, fl: dict, timings: dict) -> str:

@@ -198,16 +198,21 @@ def start_secure_superlink(procs, certs, port: int):
     return link
 
 
+def secure_deployment(tmp_path, nodes: int):
+    """Certificates for a TLS SuperLink and `nodes` node keys, a Flower home naming it, and the process group."""
+    certs, home, store = tmp_path / "certs", tmp_path / "flwr", tmp_path / "store"
+    subprocess.run(["bash", str(REPO / "scripts/gen_certs.sh"), str(certs), str(nodes)], check=True, timeout=120)
+    port = free_port()
+    write_flwr_config(home, {"deploy": {"address": f"127.0.0.1:{port}", "root-certificates": str(certs / "ca.crt")}})
+    return certs, home, store, port, Procs(tmp_path, flower_env(home))
+
+
 def test_deployment_tls_node_auth_two_persons_and_unregistered_node_refused(assets, tmp_path):
     from data.shards import list_persons, load_frames
     from model.checkpoint import load_checkpoint
 
-    certs, home, store = tmp_path / "certs", tmp_path / "flwr", tmp_path / "store"
-    subprocess.run(["bash", str(REPO / "scripts/gen_certs.sh"), str(certs), "3"], check=True, timeout=120)
-    port = free_port()
-    write_flwr_config(home, {"deploy": {"address": f"127.0.0.1:{port}", "root-certificates": str(certs / "ca.crt")}})
-    env = flower_env(home)
-    procs = Procs(tmp_path, env)
+    certs, home, store, port, procs = secure_deployment(tmp_path, nodes=3)
+    env = procs.env
     persons = list_persons(assets["shards"], "test")[:2]
     folder = tmp_path / "person-b-frames"
     write_image_folder(load_frames(assets["shards"], person=persons[1]), str(folder))
@@ -267,12 +272,8 @@ def test_deployment_node_dropping_mid_round_does_not_stall_the_server(assets, tm
 
     from data.shards import list_persons
 
-    certs, home, store = tmp_path / "certs", tmp_path / "flwr", tmp_path / "store"
-    subprocess.run(["bash", str(REPO / "scripts/gen_certs.sh"), str(certs), "2"], check=True, timeout=120)
-    port = free_port()
-    write_flwr_config(home, {"deploy": {"address": f"127.0.0.1:{port}", "root-certificates": str(certs / "ca.crt")}})
-    env = flower_env(home)
-    procs = Procs(tmp_path, env)
+    certs, home, store, port, procs = secure_deployment(tmp_path, nodes=2)
+    env = procs.env
     persons = list_persons(assets["shards"], "test")[:2]
     timeout = 45.0
     try:
