@@ -88,7 +88,12 @@ def read_metadata(data: bytes) -> dict:
         header = json.loads(data[8:8 + n])
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DeltaRejected(f"not a safetensors file: header is not JSON ({exc})") from exc
-    return header.get("__metadata__") or {}
+    if not isinstance(header, dict):
+        raise DeltaRejected(f"not a safetensors file: header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise DeltaRejected("not a safetensors file: __metadata__ must map names to strings")
+    return meta
 
 
 def decode_and_validate(data: bytes, base_state: dict[str, torch.Tensor], allowed_keys: set[str],
@@ -115,6 +120,8 @@ def decode_and_validate(data: bytes, base_state: dict[str, torch.Tensor], allowe
         scales = json.loads(meta.get("scales", "{}"))
     except (SafetensorError, json.JSONDecodeError, ValueError) as exc:
         raise DeltaRejected(f"unreadable delta: {exc}") from exc
+    if not isinstance(scales, dict):
+        raise DeltaRejected(f"unreadable delta: scales are a JSON {type(scales).__name__}, not an object")
     if not stored:
         raise DeltaRejected("delta holds no tensors")
     want = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[dtype]

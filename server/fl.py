@@ -157,6 +157,10 @@ def handle_reply(reply: Message, store: DeltaStore, node: int | None = None) -> 
         entry.update(status="refused", reason=str(exc))
         log.warning("node %s person %s: delta refused: %s", node, entry["person_id"], exc)
         return entry
+    except Exception as exc:  # noqa: BLE001 - one reply must never stop the round: it is this node's verdict
+        entry.update(status="failed", reason=f"{type(exc).__name__}: {exc}")
+        log.error("node %s person %s: filing the delta failed: %s", node, entry["person_id"], exc)
+        return entry
     entry.update(status="stored", version=record["version"], sha256=record["sha256"])
     entry["_data"] = data
     log.info("node %s person %s: delta stored as %s (%d bytes)", node, person, record["version"], len(data))

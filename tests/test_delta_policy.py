@@ -13,10 +13,11 @@ import logging
 
 import pytest
 import torch
+from safetensors.torch import save as st_save
 
 from client import edge
 from model.checkpoint import load_checkpoint
-from model.delta import deltable_keys, encode_delta, extract_delta
+from model.delta import deltable_keys, encode_delta, extract_delta, read_metadata
 from posettp.cli import main as cli
 from server.fl import FLSettings, handle_reply, make_store
 from server.serve import PersonModels
@@ -26,7 +27,8 @@ from tests.fixtures_flower import make_checkpoint, write_random_shards
 from tests.test_fl_validation import reply, task_identity  # noqa: F401 (the fixture stamps Flower messages)
 
 CASES = ("honest", "honest fp16", "wrong key", "wrong shape", "NaN", "wrong base", "beyond the trust region",
-         "erase the weights (-w)", "another person", "not safetensors", "empty", "oversized")
+         "erase the weights (-w)", "another person", "not safetensors", "header a JSON list", "scales a JSON list",
+         "empty", "oversized")
 
 
 def _honest(ck, radius_share: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -67,6 +69,9 @@ def hostile_deltas(ck, person_of: dict[str, str]) -> dict[str, bytes]:
         "erase the weights (-w)": lambda c: enc(c, {k: -state[k].float() for k in honest}, "fp32"),
         "another person": lambda c: enc(c, honest, person="someone-else"),
         "not safetensors": lambda c: b"\x80\x04\x95 pickle? no." * 10,
+        "header a JSON list": lambda c: len(b"[1, 2]").to_bytes(8, "little") + b"[1, 2]" + b"\0" * 64,
+        "scales a JSON list": lambda c: st_save({k: torch.zeros_like(state[k], dtype=torch.int8) for k in honest},
+                                                metadata=dict(read_metadata(enc(c, honest)), scales="[1.0]")),
         "empty": lambda c: enc(c, {}),
         "oversized": lambda c: enc(c, {k: torch.full_like(state[k], 1e-7) for k in honest}, "fp32") + b"\0" * (1 << 20),
     }
@@ -160,7 +165,8 @@ def test_every_user_of_the_store_gives_the_same_verdicts(world, monkeypatch, cap
     expected = {"wrong key": "not an encoder/self_head parameter", "wrong shape": "has shape", "NaN": "NaN or Inf",
                 "wrong base": "made for base", "beyond the trust region": "beyond the trust region",
                 "erase the weights (-w)": "beyond the trust region", "another person": "not 'p",
-                "not safetensors": "not a safetensors file", "empty": "holds no tensors", "oversized": "byte cap"}
+                "not safetensors": "not a safetensors file", "header a JSON list": "header is a JSON list",
+                "scales a JSON list": "scales are a JSON list", "empty": "holds no tensors", "oversized": "byte cap"}
     for case, words in expected.items():
         assert words in reference[case], (case, reference[case])
 
