@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.checkpoints import model_with_loss
+from core.frames import labeled_person_frames
+from core.scoring import score
 from model.checkpoint import load_checkpoint
-from model.delta import apply_delta, dequantize, deltable_keys, encode_delta, extract_delta, quantize
+from model.delta import apply_delta, deltable_keys, dequantize, encode_delta, extract_delta, quantize
 from model.personalize import personalize
 from model.predict import predict_crops
-from core.frames import labeled_person_frames
-from core.checkpoints import model_with_loss
-from core.scoring import score
 
 from .common import always_adapting
 

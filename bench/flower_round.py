@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from core.checkpoints import model_with_loss
 from model.checkpoint import load_checkpoint, save_checkpoint
 from posettp.procs import MarkedTreeRss, flower_env, stop_marked
-from core.checkpoints import model_with_loss
 
 from .common import always_adapting
 

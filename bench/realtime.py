@@ -61,12 +61,12 @@ def summary(pure: np.ndarray, real: np.ndarray) -> dict:
 
 def with_pck(checkpoint: str, data: str, persons: int = 4, fps: float = 15.0) -> dict:
     """Latency percentiles pooled over `persons` test persons, and mean PCK@0.2: none / synchronous / real-time."""
+    from core.checkpoints import model_with_loss
     from core.crops import prepare_frames
+    from core.frames import labeled_person_frames
+    from core.scoring import score
     from model.checkpoint import load_checkpoint
     from model.personalize import personalize
-    from core.frames import labeled_person_frames
-    from core.checkpoints import model_with_loss
-    from core.scoring import score
 
     ck = load_checkpoint(checkpoint)
     model, recon = model_with_loss(ck)
@@ -98,9 +98,9 @@ def main() -> None:
     if args.checkpoint and args.data:
         print(json.dumps(with_pck(args.checkpoint, args.data, args.persons, args.fps), indent=2))
         return
+    from core.checkpoints import build_recon_loss
     from model.config import load_config
     from model.network import build_model
-    from core.checkpoints import build_recon_loss
 
     cfg = load_config("configs/synth_small.yaml")  # untrained weights, random frames: latency only
     model = build_model(cfg.model).eval()

@@ -53,13 +53,13 @@ def trained_model(checkpoint: str | None, data: str | None) -> tuple[str, str]:
 def online_and_offline(checkpoint: str, data: str, persons: int = 4) -> dict:
     """Online frames/s and offline s/person of the product step, and of the same step in fp32 with the standard
     layout (amp off, channels_last off) on the same persons: the speed ratio, and whether PCK is the same."""
+    from core.checkpoints import model_with_loss
     from core.crops import prepare_frames
+    from core.frames import labeled_person_frames
+    from core.scoring import score
     from model.augment import Augmentation
     from model.checkpoint import load_checkpoint
     from model.personalize import personalize
-    from core.frames import labeled_person_frames
-    from core.checkpoints import model_with_loss
-    from core.scoring import score
 
     ck = load_checkpoint(checkpoint)
     model, recon = model_with_loss(ck)
@@ -143,7 +143,8 @@ def train_images_per_second() -> dict:
 
 
 def serve_numbers() -> dict:
-    from .serve_latency import parser, run as serve_run
+    from .serve_latency import parser
+    from .serve_latency import run as serve_run
 
     r = serve_run(parser().parse_args(["--persons", "200", "--lru", "16", "--requests", "200"]))
     return {"serve_warm_p50_ms": r["warm_p50_ms"], "serve_warm_p99_ms": r["warm_p99_ms"],

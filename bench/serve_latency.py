@@ -30,8 +30,8 @@ from bench.common import machine  # noqa: E402
 from model.checkpoint import load_checkpoint  # noqa: E402
 from model.predict import predict_crops  # noqa: E402
 from server.auth import add_token  # noqa: E402
-from store.policy import DeltaPolicy  # noqa: E402
 from store.deltas import DeltaStore  # noqa: E402
+from store.policy import DeltaPolicy  # noqa: E402
 from tests.fixtures_serve import (ServeProcess, make_checkpoint, make_delta, make_image,  # noqa: E402
                                   session_processes, write_serve_config)
 

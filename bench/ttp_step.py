@@ -21,11 +21,11 @@ from dataclasses import replace
 
 import torch
 
+from core.checkpoints import build_recon_loss
 from model.config import load_config
 from model.network import build_model
 from model.personalize import _Adapter, adaptable_parameters
 from model.precision import use_bf16
-from core.checkpoints import build_recon_loss
 
 from .common import machine, median_ms
 

@@ -33,12 +33,12 @@ import torch
 from tqdm import tqdm
 
 from core.crops import prepare_frames
+from core.scoring import score
 from model.augment import Augmentation
 from model.config import from_dict
 from model.delta import apply_delta, deltable_keys, extract_delta
 from model.personalize import personalize
 from model.predict import predict_crops
-from core.scoring import score
 from training.reproduce import Experiment
 
 TTP_SEED_STRIDE = 1000  # TTP seed k of model seed s is s + 1000 k: k = 0 is reproduce's own

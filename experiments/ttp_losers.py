@@ -33,8 +33,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from experiments.ttp_direction import rows_of_every_seed, run_arguments, transformer_setup
 from core.crops import prepare_frames
+from core.scoring import score
+from experiments.ttp_direction import rows_of_every_seed, run_arguments, transformer_setup
 from model.augment import Augmentation
 from model.config import apply_overrides, from_dict
 from model.delta import apply_delta, extract_delta
@@ -42,7 +43,6 @@ from model.objectives import pose_signal
 from model.personalize import personalize, probe_pairs
 from model.predict import predict_crops
 from model.transforms import flip_permutation
-from core.scoring import score
 
 FRESH_PAIR_SEED = 424242  # the fresh pairs' generator: no TTP seed draws them
 # crop-to-crop views for the augmentation gap: (zoom, rotation degrees, shift in crop px)

@@ -18,15 +18,15 @@ import json
 import numpy as np
 import torch
 
+from core.checkpoints import model_with_loss
 from core.crops import prepare_frames
+from core.frames import labeled_person_frames
 from model.checkpoint import load_checkpoint
 from model.metrics import pck
 from model.network import PoseTTPNet
 from model.objectives import self_loss
 from model.personalize import probe_pairs
 from model.predict import predict_crops
-from core.frames import labeled_person_frames
-from core.checkpoints import model_with_loss
 
 
 class OffsetKeypoints(PoseTTPNet):

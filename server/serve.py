@@ -52,6 +52,7 @@ from PIL import Image
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from core.crops import prepare_crop
 from model import io
 from model.checkpoint import META, load_checkpoint
 from model.config import from_dict, setting, settings_from_mapping
@@ -59,10 +60,9 @@ from model.delta import DEFAULT_NORM_BOUND, DeltaRejected, apply_delta
 from model.network import PoseTTPNet
 from model.predict import predict_crops
 from model.transforms import PENN_JOINTS, flip_pairs_for, full_image_bbox
-from core.crops import prepare_crop
 from server.auth import AuthError, TokenTable, default_tokens_url
-from store.policy import DeltaPolicy, check_person_id
 from store.deltas import DeltaStore
+from store.policy import DeltaPolicy, check_person_id
 
 log = logging.getLogger("ray.serve")
 

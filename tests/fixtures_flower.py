@@ -44,10 +44,10 @@ def wait_port(port: int, timeout: float = 60.0, proc: subprocess.Popen | None = 
 def make_checkpoint(url: str, overrides: list[str] | None = None, seed: int = 0) -> str:
     """An untrained synth_small checkpoint whose norm statistics and loss means are fitted to
     random crops (an untrained BatchNorm's 0/1 statistics make eval activations vanish)."""
+    from core.checkpoints import build_recon_loss
     from model.checkpoint import save_checkpoint
     from model.config import load_config
     from model.network import build_model
-    from core.checkpoints import build_recon_loss
 
     cfg = load_config(str(REPO / "configs/synth_small.yaml"), TINY_OVERRIDES + list(overrides or []))
     torch.manual_seed(seed)

@@ -27,8 +27,8 @@ from model.delta import apply_delta, deltable_keys, encode_delta, extract_delta
 from model.network import build_model
 from model.predict import predict_crops
 from model.transforms import crop_matrix, full_image_bbox, to_tensor_layout, warp
-from store.policy import DeltaPolicy
 from store.deltas import DeltaStore
+from store.policy import DeltaPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,8 @@ import torch
 from model.config import load_config
 from model.delta import DeltaRejected, deltable_keys, encode_delta, extract_delta
 from model.network import build_model
-from store.policy import DeltaPolicy
 from store.deltas import DeltaStore
+from store.policy import DeltaPolicy
 
 COMMANDS = ["info", "synth", "import", "train", "personalize", "evaluate", "reproduce", "serve", "demo"]
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_personalize import setup  # noqa: F401  (the module fixture: a calibrated toy model and 12 crops)
 
 from model.delta import apply_delta, deltable_keys, extract_delta
 from model.device import pick_device
 from model.network import build_model
 from model.personalize import adaptable_parameters, personalize
 from model.predict import predict_crops
-from test_personalize import setup  # noqa: F401  (the module fixture: a calibrated toy model and 12 crops)
 
 REPO = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from data.pairs import PairDataset, person_set, person_stream
-
 from core.crops import prepare_frame, prepare_frames
+from data.pairs import PairDataset, person_set, person_stream
 from data.shards import Frame
 from model.config import DataConfig
 from model.transforms import apply_affine, crop_matrix, flip_permutation, to_tensor_layout, warp

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data.shards import SCHEMA, list_persons, load_frames, read_manifest, read_table
-from data.synth import (DEFAULT_STRENGTH, SynthConfig, main, make_person, person_frames, person_id, split_plan)
+from data.synth import DEFAULT_STRENGTH, SynthConfig, main, make_person, person_frames, person_id, split_plan
 from data.synth.look import SHIFT_HAIR, SHIFT_SCENES, SHIFT_TEXTURES, TRAIN_SCENES, TRAIN_TEXTURES, Shift
 from model.transforms import PENN_JOINTS
 

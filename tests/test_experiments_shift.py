@@ -4,10 +4,10 @@ import argparse
 
 import numpy as np
 
-from experiments.ttp_vs_shift import shifted_test_persons, suffix
-from data.synth import main as synth_main
-from model.config import load_config
 from core.frames import labeled_person_frames
+from data.synth import main as synth_main
+from experiments.ttp_vs_shift import shifted_test_persons, suffix
+from model.config import load_config
 
 
 def test_other_shift_renders_the_same_test_persons_with_other_pixels(tmp_path):

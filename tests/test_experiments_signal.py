@@ -3,12 +3,12 @@ here."""
 import numpy as np
 import torch
 
-from experiments.ttp_signal import bias_free_pck, loss_response
+from core.checkpoints import build_recon_loss
 from data.shards import Frame
+from experiments.ttp_signal import bias_free_pck, loss_response
 from model.config import load_config
 from model.metrics import pck
 from model.network import PoseTTPNet, build_model
-from core.checkpoints import build_recon_loss
 from tests.test_personalize import calibrate_norm_statistics, keypoint_blind_copy
 
 

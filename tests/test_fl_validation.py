@@ -16,12 +16,12 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from store.protocol import BLOB_KEY, TRAIN, base_records, blob_record, checkpoint_from_records
 from model.checkpoint import load_checkpoint
 from model.delta import deltable_keys, encode_delta, extract_delta, read_metadata
 from server.fl import FLSettings, handle_reply, make_store, run_federation
 from store.deltas import DeltaStore
 from store.policy import DeltaPolicy
+from store.protocol import BLOB_KEY, TRAIN, base_records, blob_record, checkpoint_from_records
 from tests.fixtures_flower import make_checkpoint, write_random_shards
 
 

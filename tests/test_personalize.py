@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from core.checkpoints import build_recon_loss
 from model.config import load_config
 from model.delta import apply_delta, decode_and_validate, deltable_keys, encode_delta, extract_delta
 from model.network import build_model
 from model.personalize import adaptable_parameters, draw_sources, personalize
 from model.predict import predict_crops
-from core.checkpoints import build_recon_loss
 
 
 def calibrate_norm_statistics(model, crops):

@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_personalize import setup  # noqa: F401  (the module fixture: a calibrated toy model and 12 crops)
 
 from data.pairs import PairDataset
 from data.shards import Frame
 from model.augment import Augmentation
 from model.config import DataConfig, load_config
 from model.personalize import draw_pairs, personalize, shared_augment
-from test_personalize import setup  # noqa: F401  (the module fixture: a calibrated toy model and 12 crops)
 from training.data import batch_stream, labeled
 from training.local import train_local
 from training.loop import build_training, train_step

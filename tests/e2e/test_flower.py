@@ -69,8 +69,8 @@ def summary_of(store: Path, run_id: str) -> dict:
 
 def apply_stored(base_ck, store_url: str, person: str):
     from model.delta import apply_delta
-    from store.policy import DeltaPolicy
     from store.deltas import DeltaStore
+    from store.policy import DeltaPolicy
 
     found = DeltaStore(store_url, DeltaPolicy.for_checkpoint(base_ck)).load_latest(person)
     assert found is not None, f"no delta stored for {person}"

@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.fixtures_ray import REPO, VENV_BIN, joint_args, make_synth, ray_env, ray_head, run_joint, tagged
-
 from model import io
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import load_config
 from model.network import build_model
+from tests.fixtures_ray import REPO, VENV_BIN, joint_args, make_synth, ray_env, ray_head, run_joint, tagged
 
 
 @pytest.fixture(scope="module")
@@ -177,9 +176,8 @@ def _refused(joint, capsys, argv: list[str], expect: str) -> str:
 
 
 def _tiny_dataset(root: Path) -> str:
-    from tests.fixtures_flower import random_rows
-
     from data.shards import write_shards
+    from tests.fixtures_flower import random_rows
 
     rows = [dict(r, split="train" if r["person_id"] != "p002" else "val") for r in random_rows(3, 3, 64, 0)]
     url = str(root / "data")
@@ -255,9 +253,8 @@ def test_worker_layout_fits_the_cluster_and_never_shares_a_gpu_over_nccl():
 # ------------------------------------------------------------------------------------------------
 
 def test_optimizer_and_rng_state_round_trip_without_pickles(tmp_path):
-    from training.joint import (load_optimizer_state, optimizer_state_files, rank_state_files,
-                                restore_rank_state)
     from core.checkpoints import build_recon_loss
+    from training.joint import load_optimizer_state, optimizer_state_files, rank_state_files, restore_rank_state
     from training.loop import make_optimizer
 
     cfg = load_config("configs/synth_small.yaml", ["model.image_size=64"])
