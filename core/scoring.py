@@ -27,8 +27,9 @@ def headline_metric(dataset: str) -> str:
 
 
 def score(predictions: np.ndarray, frames: list, dataset: str) -> dict[str, float]:
+    """The dataset's metrics (`metric_keys`) of predictions in image coordinates against the frames' labels."""
     gt = np.stack([f.keypoints for f in frames])
-    if dataset == "bbc":
+    if metric_keys(dataset) == ["macc"]:
         return {"macc": bbc_macc(predictions, gt[..., :2], gt[..., 2])["mean"]}
     return {"pck@0.2": pck(predictions, gt[..., :2], gt[..., 2], 0.2)["mean"],
             "pck@0.5": pck(predictions, gt[..., :2], gt[..., 2], 0.5)["mean"]}

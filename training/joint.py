@@ -54,7 +54,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from core.crops import prepare_frames
-from core.scoring import score
+from core.scoring import headline_metric, score
 from data.shards import list_persons, read_manifest
 from model import io
 from model.checkpoint import META, WEIGHTS, restore_loss_buffers, save_checkpoint
@@ -461,7 +461,7 @@ def ray_storage(storage: str):
 
 
 def score_key(cfg: Config) -> str:
-    return "val_macc" if cfg.data.dataset == "bbc" else "val_pck@0.2"
+    return f"val_{headline_metric(cfg.data.dataset)}"
 
 
 @dataclass(frozen=True)
