@@ -39,7 +39,7 @@ from data.shards import read_manifest
 from model import io
 from model.checkpoint import Checkpoint, load_checkpoint, restore_loss_buffers, save_checkpoint, state_bytes
 from model.config import setting, settings_from_mapping
-from model.delta import DTYPES, DeltaRejected, apply_delta
+from model.delta import DEFAULT_NORM_BOUND, DTYPES, DeltaRejected, apply_delta
 from store.deltas import DeltaStore
 from store.policy import DeltaPolicy, check_person_id
 from store.protocol import TRAIN, VERDICT, base_records, blob_from_record
@@ -70,7 +70,7 @@ class FLSettings:
     verdict_timeout: float = setting(30.0, "seconds to deliver each node its delta's verdict")
     max_delta_bytes: int = setting(0, "largest delta accepted; 0 = fp32 size of all encoder/self_head params + "
                                       "header room")
-    norm_bound: float = setting(1.0, "largest ||delta|| / ||base weights it touches||")
+    norm_bound: float = setting(DEFAULT_NORM_BOUND, "largest ||delta|| / ||base weights it touches||")
     fedavg_base: bool = setting(False, "also average the deltas into a new base and score it")
     eval_data: str = setting("", "shards for the fedavg check (default: data), test split")
     eval_persons: int = setting(0, "persons the fedavg check scores; 0 = every test person who did not take part")

@@ -17,7 +17,7 @@ from safetensors.torch import save as st_save
 
 from client import edge
 from model.checkpoint import load_checkpoint
-from model.delta import deltable_keys, encode_delta, extract_delta, read_metadata
+from model.delta import DeltaRejected, deltable_keys, encode_delta, extract_delta, read_metadata
 from posettp.cli import main as cli
 from server.fl import FLSettings, handle_reply, make_store
 from server.serve import PersonModels
@@ -180,3 +180,19 @@ def test_the_policy_is_built_from_the_base_checkpoint(world):
     fp32 = sum(ck.model.state_dict()[k].numel() * 4 for k in keys)
     assert fp32 < policy.max_bytes < fp32 + (1 << 20)
     assert DeltaStore("unused", policy).policy is policy
+
+
+@pytest.mark.parametrize("factor", [-1.0, -0.5, 1.0])
+def test_without_a_trust_region_the_norm_bound_refuses_scaled_weights(tmp_path, factor):
+    """A base with no trust region (the paper's TTP): erasing, halving or doubling the weights is refused, an
+    honest-sized delta (relative norm 0.05, the largest measured from real TTP) is stored."""
+    make_checkpoint(str(tmp_path / "ck"), ["ttp.drift_steps=0"])
+    ck = load_checkpoint(str(tmp_path / "ck"))
+    store = DeltaStore(str(tmp_path / "store"), DeltaPolicy.for_checkpoint(ck))
+    state = ck.model.state_dict()
+    keys = deltable_keys(state, {n for n, _ in ck.model.named_parameters()})
+    scaled = encode_delta({k: factor * state[k].float() for k in keys}, "fp32", ck.sha256, "alice", "offline", 4, 8)
+    with pytest.raises(DeltaRejected, match="over the bound 0.25"):
+        store.file_delta("alice", scaled)
+    honest = encode_delta({k: 0.05 * state[k].float() for k in keys}, "fp32", ck.sha256, "alice", "offline", 4, 8)
+    assert store.file_delta("alice", honest)["person_id"] == "alice"
