@@ -68,6 +68,8 @@ log = logging.getLogger("ray.serve")
 
 APP_NAME = "posettp"
 INLINE_DECODE_BYTES = 256 * 1024
+EXIF_ORIENTATION = 0x0112  # the EXIF tag; values 5-8 turn the image by 90 degrees (width and height swap)
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,12 +185,15 @@ def decode_image(data: bytes, max_pixels: int, max_side: int) -> np.ndarray:
 
     The header is read first (Pillow, without decoding pixels) so that a
     gigantic or zero-sized image is refused before any memory is spent on it.
+    A JPEG's EXIF orientation is applied (OpenCV does, as browsers do): the image, its bbox and the keypoints
+    are in the orientation a viewer shows, so a portrait phone photo is upright.
     """
     if not data:
         raise ApiError(400, "empty body: send a JPEG or PNG image")
     try:
         with Image.open(_io.BytesIO(data)) as im:
             fmt, (w, h) = im.format, im.size
+            orientation = im.getexif().get(EXIF_ORIENTATION, 1) if fmt == "JPEG" else 1
     except Image.DecompressionBombError:
         raise ApiError(413, "image too large") from None
     except Exception:  # noqa: BLE001 - Pillow raises many types for garbage input
@@ -200,7 +205,8 @@ def decode_image(data: bytes, max_pixels: int, max_side: int) -> np.ndarray:
     if w * h > max_pixels or max(w, h) > max_side:
         raise ApiError(413, f"image is {w}x{h}, over the limit ({max_pixels} pixels, {max_side} per side)")
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None or bgr.shape[:2] != (h, w):
+    shown = (w, h) if orientation in TRANSPOSING_ORIENTATIONS else (h, w)
+    if bgr is None or bgr.shape[:2] != shown:
         raise ApiError(400, f"{fmt} image is truncated or corrupt")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
@@ -340,7 +346,7 @@ class PersonModels:
         try:
             record = self.store.latest(person_id)
         except Exception as exc:  # noqa: BLE001 - storage errors: serve base, retry at the next check
-            return self._fallback(person_id, None, f"cannot read latest.json: {type(exc).__name__}: {exc}", None)
+            return self._fallback(person_id, None, exc, None)
         if record is None:
             entry = self._base_entry(person_id)
         else:
@@ -348,9 +354,9 @@ class PersonModels:
             try:
                 found = self.store.load_latest(person_id)
             except DeltaRejected as exc:
-                return self._fallback(person_id, record, str(exc), seen)
+                return self._fallback(person_id, record, exc, seen)
             except Exception as exc:  # noqa: BLE001 - missing/unreadable file: retry at the next check
-                return self._fallback(person_id, record, f"{type(exc).__name__}: {exc}", None)
+                return self._fallback(person_id, record, exc, None)
             if found is None:  # latest.json vanished in between
                 entry = self._base_entry(person_id)
             else:
@@ -365,9 +371,14 @@ class PersonModels:
         self._remember(entry)
         return entry
 
-    def _fallback(self, person_id: str, record: dict | None, reason: str, seen: tuple | None) -> PersonModel:
+    def _fallback(self, person_id: str, record: dict | None, exc: Exception, seen: tuple | None) -> PersonModel:
+        """The base model, with the reason the client sees: a refusal's own words, or for a storage error only its
+        kind (its message may name the server's paths; the log has it whole)."""
         version = record.get("version") if record else None
-        log.warning("person %s: delta %s refused (%s); serving the base model", person_id, version, reason)
+        log.warning("person %s: delta %s refused (%s: %s); serving the base model", person_id, version,
+                    type(exc).__name__, exc)
+        unreadable = f"the stored delta is unreadable ({type(exc).__name__})"
+        reason = str(exc) if isinstance(exc, DeltaRejected) else unreadable
         entry = self._base_entry(person_id, record, {"reason": reason, "version": version}, seen)
         self._remember(entry)
         return entry

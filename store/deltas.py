@@ -41,10 +41,17 @@ class DeltaStore:
         return record
 
     def latest(self, person_id: str) -> dict | None:
+        """The person's latest.json record, None when there is none; DeltaRejected when it is not a record."""
         url = self._person(person_id, "latest.json")
         if not io.exists(url):
             return None
-        return json.loads(io.read_bytes(url))
+        try:
+            record = json.loads(io.read_bytes(url))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DeltaRejected(f"latest.json of person {person_id!r} is not JSON") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("version"), str):
+            raise DeltaRejected(f"latest.json of person {person_id!r} is not a record naming a version")
+        return record
 
     def read(self, person_id: str, version: str) -> bytes:
         if not re.fullmatch(r"[0-9]{13}-[0-9a-f]{8}", version):

@@ -1,6 +1,7 @@
 """Serving without Ray: request parsing and validation, auth hashing, settings, and the person-model cache
 (base + delta as a shallow copy gives the same predictions as a model with the delta loaded)."""
 import asyncio
+import io
 import json
 import sys
 from pathlib import Path
@@ -54,6 +55,23 @@ def test_decode_image_is_rgb_like_opencv(fmt):
     expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     assert rgb.shape == (50, 70, 3) and rgb.dtype == np.uint8
     np.testing.assert_array_equal(rgb, expected)
+
+
+@pytest.mark.parametrize("orientation, shape", [(1, (50, 70, 3)), (3, (50, 70, 3)), (6, (70, 50, 3)), (8, (70, 50, 3))])
+def test_jpeg_exif_orientation_is_applied_as_a_viewer_shows_it(orientation, shape):
+    """A portrait phone photo (landscape pixels + EXIF orientation 6 or 8) is decoded upright, not refused."""
+    from PIL import Image
+
+    rgb = cv2.cvtColor(cv2.imdecode(np.frombuffer(make_image(3, 70, 50, "jpg"), np.uint8), cv2.IMREAD_COLOR),
+                       cv2.COLOR_BGR2RGB)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", exif=exif.tobytes(), quality=95)
+    decoded = decode_image(buf.getvalue(), **LIMITS)
+    assert decoded.shape == shape
+    turned = {1: rgb, 3: np.rot90(rgb, 2), 6: np.rot90(rgb, -1), 8: np.rot90(rgb, 1)}[orientation]
+    assert np.abs(decoded.astype(int) - turned.astype(int)).mean() < 4  # JPEG re-encoding noise only
 
 
 def bmp_bytes():
@@ -310,9 +328,15 @@ def test_hot_update_and_tampered_delta_fall_back_to_base(world, tmp_path, caplog
     # a latest.json naming a missing file, and garbage in latest.json: base, never an exception
     (tmp_path / "store/persons/erin/deltas").mkdir(parents=True)
     (tmp_path / "store/persons/erin/latest.json").write_text(json.dumps({"version": "1234567890123-deadbeef"}))
-    assert fresh.load("erin").fallback is not None
+    missing = fresh.load("erin").fallback
+    assert missing is not None and str(tmp_path) not in missing["reason"]  # the client never sees server paths
+    assert missing["reason"] == "the stored delta is unreadable (FileNotFoundError)"
     (tmp_path / "store/persons/erin/latest.json").write_text("{not json")
     assert fresh.load("erin").version == "base" and fresh.load("erin").fallback is not None
+    for not_a_record in ([1, 2], "a string", {"version": 7}):  # valid JSON, not a record: base, not a 503
+        (tmp_path / "store/persons/erin/latest.json").write_text(json.dumps(not_a_record))
+        erin = fresh.load("erin")
+        assert erin.version == "base" and "not a record naming a version" in erin.fallback["reason"]
 
 
 def test_lru_dropped_persons_free_their_memory(world):
