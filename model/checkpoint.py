@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -64,9 +65,16 @@ def load_checkpoint(url: str, map_location: str = "cpu", overrides: Config | Non
         weights = io.read_bytes(io.join(url, WEIGHTS))
     except FileNotFoundError as exc:
         raise CheckpointError(f"{url}: not a checkpoint directory (needs {WEIGHTS} and {META})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{url}: {META} is not JSON ({exc})") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise CheckpointError(f"{url}: {META} holds no config")
     cfg = overrides or from_dict(meta["config"])
     model = build_model(cfg.model)
-    state = st_load(weights)
+    try:
+        state = st_load(weights)
+    except SafetensorError as exc:
+        raise CheckpointError(f"{url}: {WEIGHTS} is corrupt or truncated ({exc})") from exc
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

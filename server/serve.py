@@ -630,8 +630,7 @@ class PoseIngress:
 def build_app(args: dict):
     """Serve application builder (`import_path: server.serve:build_app`, args = ServeSettings fields)."""
     s = ServeSettings.from_args(args)
-    if not io.exists(io.join(s.checkpoint, META)):
-        raise ValueError(f"{s.checkpoint}: not a checkpoint directory (no {META})")
+    load_checkpoint(s.checkpoint)  # a missing, corrupt or mismatched checkpoint fails here, in one line, before Ray
     settings = s.to_dict()
     actor = {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus}
     if s.malloc_arena_max > 0:

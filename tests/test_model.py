@@ -206,6 +206,27 @@ def test_checkpoint_refuses_config_weights_mismatch(tmp_path):
         load_checkpoint(str(tmp_path / "ck"), overrides=other)
 
 
+def test_a_truncated_checkpoint_is_one_clear_error_for_every_command(tmp_path):
+    """personalize and evaluate print one line; serve refuses before Ray starts (not a traceback or a 50 s wait)."""
+    import subprocess
+    import sys
+
+    from server.serve import build_app
+
+    cfg = small_cfg()
+    save_checkpoint(str(tmp_path / "ck"), build_model(cfg.model), cfg)
+    weights = tmp_path / "ck" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt or truncated"):
+        load_checkpoint(str(tmp_path / "ck"))
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        build_app({"checkpoint": str(tmp_path / "ck"), "store": str(tmp_path / "store")})
+    out = subprocess.run([sys.executable, "-m", "posettp.cli", "evaluate", "--checkpoint", str(tmp_path / "ck"),
+                          "--data", str(tmp_path / "nowhere")], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "corrupt or truncated" in out.stderr.strip().splitlines()[-1]
+
+
 def test_config_rejects_unknown_keys_and_bad_values():
     with pytest.raises(ConfigError, match="unknown config key: train.max_stepz"):
         load_config("configs/synth_small.yaml", ["train.max_stepz=3"])
