@@ -5,6 +5,8 @@ S3-compatible server such as one on loopback).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import uuid
 
@@ -45,6 +47,24 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     with fs.open(tmp, "wb") as f:
         f.write(data)
     fs.mv(tmp, path)
+
+
+@contextlib.contextmanager
+def updating(url: str):
+    """Hold an exclusive lock for a read-modify-write of `url` (a lock file beside it), so that concurrent writers
+    on this machine's filesystems take turns instead of losing each other's change. Object stores (s3://) offer no
+    lock: there the last writer wins."""
+    fs, path = filesystem(url)
+    if "file" not in fs.protocol:
+        yield
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def ensure_writable(url: str) -> None:

@@ -66,16 +66,18 @@ def add_token(url: str, person_id: str, token: str | None = None) -> str:
     """Give `person_id` a (new) token; returns the plaintext, which is not stored."""
     check_person_id(person_id)
     token = token or new_token()
-    persons = read_tokens(url)
-    persons[person_id] = hash_token(token)
-    write_tokens(url, persons)
+    with io.updating(url):
+        persons = read_tokens(url)
+        persons[person_id] = hash_token(token)
+        write_tokens(url, persons)
     return token
 
 
 def remove_token(url: str, person_id: str) -> bool:
-    persons = read_tokens(url)
-    found = persons.pop(person_id, None) is not None
-    write_tokens(url, persons)
+    with io.updating(url):
+        persons = read_tokens(url)
+        found = persons.pop(person_id, None) is not None
+        write_tokens(url, persons)
     return found
 
 

@@ -28,7 +28,8 @@ class DeltaStore:
         return io.join(self.url, "persons", check_person_id(person_id), *parts)
 
     def file_delta(self, person_id: str, data: bytes) -> dict:
-        """Check against the policy, then store atomically as a new version; returns the new latest.json record."""
+        """Check against the policy, then store atomically as a new version; returns its record, which latest.json
+        holds unless a newer version landed meanwhile."""
         check_person_id(person_id)
         _, meta = self.policy.check(data, person_id)
         sha = hashlib.sha256(data).hexdigest()
@@ -37,7 +38,14 @@ class DeltaStore:
         record = {"person_id": person_id, "version": version, "base_sha256": self.policy.sha256, "sha256": sha,
                   "bytes": len(data), "dtype": meta.get("dtype"), "scenario": meta.get("scenario"),
                   "created_at": time.time()}
-        io.write_bytes_atomic(self._person(person_id, "latest.json"), json.dumps(record, indent=2).encode())
+        latest = self._person(person_id, "latest.json")
+        with io.updating(latest):  # two racing writers: latest.json only moves forward
+            try:
+                current = self.latest(person_id)
+            except DeltaRejected:  # a damaged latest.json is replaced
+                current = None
+            if current is None or current["version"] < version:
+                io.write_bytes_atomic(latest, json.dumps(record, indent=2).encode())
         return record
 
     def latest(self, person_id: str) -> dict | None:

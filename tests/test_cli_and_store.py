@@ -116,3 +116,31 @@ def test_personalize_image_folder_writes_a_valid_delta_and_overlay(tmp_path):
                                       ck.sha256)
     assert meta["person_id"] == "carol" and meta["scenario"] == "offline"
     assert len(list((tmp_path / "overlay").glob("*.png"))) == 4
+
+
+def test_racing_writers_never_move_latest_back(tmp_path, base, monkeypatch):
+    """A writer that made its version earlier but finishes later leaves latest.json at the newer version."""
+    import store.deltas
+
+    model, info = base
+    store_ = DeltaStore(str(tmp_path), info)
+    newer = store_.file_delta("alice", make_delta(model))
+    monkeypatch.setattr(store.deltas.time, "time", lambda: 1_000_000_000.0)  # an older clock: an earlier version
+    older = store_.file_delta("alice", make_delta(model))
+    assert older["version"] < newer["version"]
+    assert store_.latest("alice")["version"] == newer["version"]
+    assert (tmp_path / "persons/alice/deltas" / f"{older['version']}.safetensors").is_file()  # kept, not latest
+
+
+def test_concurrent_token_adds_keep_every_token(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server.auth import add_token, hash_token, read_tokens
+
+    url = str(tmp_path / "auth/tokens.json")
+    persons = [f"p{i:02d}" for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        tokens = dict(zip(persons, pool.map(lambda p: add_token(url, p), persons)))
+    table = read_tokens(url)
+    assert sorted(table) == persons
+    assert all(table[p] == hash_token(tokens[p]) for p in persons)
