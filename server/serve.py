@@ -25,6 +25,7 @@ Run:  posettp serve --checkpoint CK --store URL [--host 127.0.0.1 --port 8100 --
       serve deploy configs/serve.yaml --address http://127.0.0.1:8265
 """
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import io as _io
@@ -67,7 +68,7 @@ from store.policy import DeltaPolicy, check_person_id
 log = logging.getLogger("ray.serve")
 
 APP_NAME = "posettp"
-INLINE_DECODE_BYTES = 256 * 1024
+INLINE_DECODE_BYTES = 640 * 480 * 3  # decoded bytes: a VGA frame decodes in about a millisecond
 EXIF_ORIENTATION = 0x0112  # the EXIF tag; values 5-8 turn the image by 90 degrees (width and height swap)
 TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
@@ -92,6 +93,8 @@ class ServeSettings:
     max_body_bytes: int = setting(8 * 1024 * 1024, "largest request body; 413 above")
     max_image_pixels: int = setting(16_777_216, "largest decoded image (width x height); 413 above")
     max_image_side: int = setting(8192, "largest decoded image side; 413 above")
+    decode_budget_bytes: int = setting(128 * 1024 * 1024, "decoded image bytes in flight per ingress replica; "
+                                                          "requests beyond it wait their turn")
     batch_size: int = setting(8, "@serve.batch max batch (Serve splits batches per person)")
     batch_wait_ms: float = setting(0.0, "@serve.batch wait for a batch to fill (requests arriving during a batch "
                                         "form the next one anyway)")
@@ -122,7 +125,7 @@ class ServeSettings:
         if s.auth and not s.tokens:
             s.tokens = default_tokens_url(s.store)
         for name in ("replicas", "ingress_replicas", "lru_size", "batch_size", "max_body_bytes", "max_image_pixels",
-                     "max_image_side", "max_ongoing_requests"):
+                     "max_image_side", "max_ongoing_requests", "decode_budget_bytes"):
             if getattr(s, name) < 1:
                 raise ValueError(f"serve setting {name} must be >= 1, got {getattr(s, name)}")
         if s.max_ongoing_requests < s.batch_size:
@@ -180,14 +183,26 @@ def parse_bbox(text: str | None, width: int, height: int) -> tuple[float, float,
     return x, y, w, h
 
 
-def decode_image(data: bytes, max_pixels: int, max_side: int) -> np.ndarray:
-    """JPEG/PNG bytes -> HxWx3 uint8 RGB (decoded like `data.sources`: OpenCV, BGR -> RGB).
+@dataclass(frozen=True)
+class ImageHeader:
+    fmt: str
+    width: int
+    height: int
+    orientation: int  # EXIF orientation (1 = as stored)
 
-    The header is read first (Pillow, without decoding pixels) so that a
-    gigantic or zero-sized image is refused before any memory is spent on it.
-    A JPEG's EXIF orientation is applied (OpenCV does, as browsers do): the image, its bbox and the keypoints
-    are in the orientation a viewer shows, so a portrait phone photo is upright.
-    """
+    @property
+    def decoded_bytes(self) -> int:
+        return self.width * self.height * 3
+
+
+def decode_image(data: bytes, max_pixels: int, max_side: int) -> np.ndarray:
+    """JPEG/PNG bytes -> HxWx3 uint8 RGB (decoded like `data.sources`: OpenCV, BGR -> RGB)."""
+    return decode_pixels(data, read_header(data, max_pixels, max_side))
+
+
+def read_header(data: bytes, max_pixels: int, max_side: int) -> ImageHeader:
+    """The image's format and size from its header (Pillow, no pixels decoded): a gigantic or zero-sized image is
+    refused, and the size of the decoded pixels known, before any memory is spent on it."""
     if not data:
         raise ApiError(400, "empty body: send a JPEG or PNG image")
     try:
@@ -204,11 +219,48 @@ def decode_image(data: bytes, max_pixels: int, max_side: int) -> np.ndarray:
         raise ApiError(400, f"image is {w}x{h}")
     if w * h > max_pixels or max(w, h) > max_side:
         raise ApiError(413, f"image is {w}x{h}, over the limit ({max_pixels} pixels, {max_side} per side)")
+    return ImageHeader(fmt, w, h, orientation)
+
+
+def decode_pixels(data: bytes, header: ImageHeader) -> np.ndarray:
+    """The pixels, HxWx3 uint8 RGB. A JPEG's EXIF orientation is applied (OpenCV does, as browsers do): the image,
+    its bbox and the keypoints are in the orientation a viewer shows, so a portrait phone photo is upright."""
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    shown = (w, h) if orientation in TRANSPOSING_ORIENTATIONS else (h, w)
+    w, h = header.width, header.height
+    shown = (w, h) if header.orientation in TRANSPOSING_ORIENTATIONS else (h, w)
     if bgr is None or bgr.shape[:2] != shown:
-        raise ApiError(400, f"{fmt} image is truncated or corrupt")
+        raise ApiError(400, f"{header.fmt} image is truncated or corrupt")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def decode_and_crop(data: bytes, header: ImageHeader, bbox: str | None, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The model's crop of the image and its affine: the decoded pixels live only inside this call."""
+    image = decode_pixels(data, header)
+    box = parse_bbox(bbox, image.shape[1], image.shape[0])
+    return prepare_crop(image, box, size)
+
+
+class DecodeBudget:
+    """Decoded pixel bytes in flight in one ingress replica: a request waits for its share instead of growing
+    memory with what clients send (a 56 kB PNG can decode to 50 MB). An image larger than the whole budget waits
+    until it has the budget to itself."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit, self.used = limit_bytes, 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int):
+        nbytes = min(nbytes, self.limit)
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used + nbytes <= self.limit)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= nbytes
+                self._changed.notify_all()
 
 
 def joint_names(num_joints: int) -> tuple[str, ...]:
@@ -574,6 +626,7 @@ class PoseIngress:
         self.image_size = mcfg.image_size
         self.names = joint_names(mcfg.num_joints)
         self.tokens = TokenTable(self.s.tokens, self.s.tokens_ttl_s) if self.s.auth else None
+        self.budget = DecodeBudget(self.s.decode_budget_bytes)
 
     async def _authorize(self, person_id: str, request: Request) -> None:
         if self.tokens is None:
@@ -600,12 +653,12 @@ class PoseIngress:
         validate_person_id(person_id)
         await self._authorize(person_id, request)
         body = await read_body(request, self.s.max_body_bytes)
-        if len(body) <= INLINE_DECODE_BYTES:  # small frames: a thread hand-off costs more than decoding
-            image = decode_image(body, self.s.max_image_pixels, self.s.max_image_side)
-        else:
-            image = await asyncio.to_thread(decode_image, body, self.s.max_image_pixels, self.s.max_image_side)
-        box = parse_bbox(bbox, image.shape[1], image.shape[0])
-        crop, matrix = prepare_crop(image, box, self.image_size)
+        header = read_header(body, self.s.max_image_pixels, self.s.max_image_side)
+        async with self.budget.hold(header.decoded_bytes):
+            if header.decoded_bytes <= INLINE_DECODE_BYTES:  # small frames: a thread hand-off costs more
+                crop, matrix = decode_and_crop(body, header, bbox, self.image_size)
+            else:  # off the event loop, so /healthz and small requests keep answering
+                crop, matrix = await asyncio.to_thread(decode_and_crop, body, header, bbox, self.image_size)
         out = await self._call("predict", person_id, crop, matrix)
         return {"person_id": person_id, "model_version": out["model_version"],
                 "keypoints": keypoints_json(out["keypoints"], self.names),

@@ -357,3 +357,22 @@ def test_lru_dropped_persons_free_their_memory(world):
         assert models.stats()["cached_persons"] == 0 and models.stats()["cached_bytes"] == 0
     finally:
         gc.enable()
+
+
+def test_decode_budget_bounds_the_pixels_in_flight():
+    """Sixteen 50 MB decodes against a 128 MB budget: never more than the budget held at once, all served; an image
+    larger than the whole budget waits until it has the budget to itself."""
+    from server.serve import DecodeBudget
+
+    budget, peak = DecodeBudget(128 * 2**20), []
+
+    async def request(nbytes):
+        async with budget.hold(nbytes):
+            peak.append(budget.used)
+            await asyncio.sleep(0.01)
+
+    async def burst():
+        await asyncio.gather(*(request(4096 * 4096 * 3) for _ in range(16)), request(10 * 2**30))
+
+    asyncio.run(burst())
+    assert len(peak) == 17 and max(peak) <= 128 * 2**20 and budget.used == 0
