@@ -8,9 +8,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import time
 import uuid
 
 import fsspec
+
+
+TEMP_MARK = ".tmp-"  # what `write_bytes_atomic` puts in a temporary file's name
 
 
 def filesystem(url: str):
@@ -43,10 +47,35 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     parent = path.rsplit("/", 1)[0]
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with fs.open(tmp, "wb") as f:
-        f.write(data)
-    fs.mv(tmp, path)
+    tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex[:8]}"
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+        raise
+
+
+def remove_stale_temporaries(url: str, older_than_s: float = 3600.0) -> int:
+    """Remove the temporary files that writers killed mid-write left in the folder `url`; returns how many.
+
+    Only files older than `older_than_s` go: a live writer's temporary file is seconds old."""
+    fs, path = filesystem(url)
+    if not fs.exists(path):
+        return 0
+    removed = 0
+    for info in fs.ls(path, detail=True):
+        name = info["name"]
+        mtime = info.get("mtime") or info.get("LastModified")
+        if TEMP_MARK not in name.rsplit("/", 1)[-1] or mtime is None:
+            continue
+        age = time.time() - (mtime.timestamp() if hasattr(mtime, "timestamp") else float(mtime))
+        if age > older_than_s:
+            fs.rm(name)
+            removed += 1
+    return removed
 
 
 @contextlib.contextmanager

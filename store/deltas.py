@@ -34,6 +34,7 @@ class DeltaStore:
         _, meta = self.policy.check(data, person_id)
         sha = hashlib.sha256(data).hexdigest()
         version = f"{int(time.time() * 1000):013d}-{sha[:8]}"
+        io.remove_stale_temporaries(self._person(person_id, "deltas"))
         io.write_bytes_atomic(self._person(person_id, "deltas", f"{version}.safetensors"), data)
         record = {"person_id": person_id, "version": version, "base_sha256": self.policy.sha256, "sha256": sha,
                   "bytes": len(data), "dtype": meta.get("dtype"), "scenario": meta.get("scenario"),

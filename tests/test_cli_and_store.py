@@ -144,3 +144,18 @@ def test_concurrent_token_adds_keep_every_token(tmp_path):
     table = read_tokens(url)
     assert sorted(table) == persons
     assert all(table[p] == hash_token(tokens[p]) for p in persons)
+
+
+def test_temporaries_of_killed_writers_are_swept_and_live_ones_kept(tmp_path, base):
+    import os
+    import time
+
+    model, info = base
+    deltas = tmp_path / "persons/alice/deltas"
+    deltas.mkdir(parents=True)
+    stale, live = deltas / "x.safetensors.tmp-dead0001", deltas / "y.safetensors.tmp-live0001"
+    stale.write_bytes(b"half"), live.write_bytes(b"half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    DeltaStore(str(tmp_path), info).file_delta("alice", make_delta(model))
+    assert not stale.exists() and live.exists()
+    assert [p.suffix for p in deltas.iterdir() if p != live] == [".safetensors"]  # the delta itself, filed
