@@ -64,9 +64,3 @@ class DeltaPolicy:
         if person_id is not None and meta.get("person_id") != person_id:
             raise DeltaRejected(f"delta is for person {meta.get('person_id')!r}, not {person_id!r}")
         return delta, meta
-
-    def describe(self) -> dict:
-        """The rules in numbers, for logs and run summaries."""
-        return {"base_sha256": self.sha256, "tensors": len(self.allowed_keys), "max_bytes": self.max_bytes,
-                "norm_bound": self.norm_bound,
-                "trust_region": self.trust_region if math.isfinite(self.trust_region) else None}
