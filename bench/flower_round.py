@@ -21,7 +21,7 @@ from pathlib import Path
 
 from core.checkpoints import model_with_loss
 from model.checkpoint import load_checkpoint, save_checkpoint
-from posettp.procs import MarkedTreeRss, flower_env, stop_marked
+from posettp.procs import MarkedTreeWatch, flower_env, stop_marked
 
 from .common import always_adapting
 
@@ -42,7 +42,7 @@ def run(checkpoint: str, data: str, persons: int = 4, ttp_steps: int = 20) -> di
                f"num-supernodes={persons} client-resources-num-cpus=1"]
         t0 = time.perf_counter()
         try:
-            with MarkedTreeRss("FLWR_HOME", str(home)) as rss:
+            with MarkedTreeWatch("FLWR_HOME", str(home)) as rss:
                 proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
         finally:
             stop_marked("FLWR_HOME", str(home))  # the simulation's detached SuperLink

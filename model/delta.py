@@ -20,9 +20,15 @@ FORMAT = "posettp-delta"
 FORMAT_VERSION = "1"
 DELTA_PREFIXES = ("encoder.", "self_head.")
 DTYPES = ("fp32", "fp16", "int8")
-# ||delta|| / ||base weights it touches||: honest TTP without a trust region reached at most 0.050 (synth_small, lr up
-# to 1e-4, 117 online steps); 0.25 leaves 5x room and refuses -w, -0.5w and +w (1.0, 0.5, 1.0)
+# ||delta|| / ||base weights it touches||: honest TTP without a trust region reached at most 0.071 at lr 1e-4 (10x the
+# shipped ttp.lr) and 0.157 at lr 3e-4 with the guard off (synth_small, 298 online steps); 0.25 refuses -w, -0.5w and
+# +w (1.0, 0.5, 1.0)
 DEFAULT_NORM_BOUND = 0.25
+# The same ratio per tensor, so that a delta cannot erase one tensor while the others keep the sum small: honest
+# maxima 0.148 (lr 1e-4) and 0.317 (lr 3e-4, guard off), always encoder.deconv.0.weight, about 2.3x the global ratio.
+# A tensor's norm counts as at least that of weights of RMS TENSOR_NORM_FLOOR (zero-initialised biases)
+DEFAULT_TENSOR_NORM_BOUND = 0.4
+TENSOR_NORM_FLOOR = 1e-2
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 # Rounding an honest trust-region delta may add: fp16 storage (2^-11 relative, 2^-25 absolute among fp16's subnormals;
 # with room) and base + radius in fp32 (half an ulp of the base weight)
@@ -101,7 +107,8 @@ def read_metadata(data: bytes) -> dict:
 def decode_and_validate(data: bytes, base_state: dict[str, torch.Tensor], allowed_keys: set[str],
                         base_sha256: str, max_bytes: int = DEFAULT_MAX_BYTES,
                         norm_bound: float = DEFAULT_NORM_BOUND,
-                        max_abs: float = math.inf) -> tuple[dict[str, torch.Tensor], dict]:
+                        max_abs: float = math.inf,
+                        tensor_norm_bound: float = DEFAULT_TENSOR_NORM_BOUND) -> tuple[dict[str, torch.Tensor], dict]:
     """Return (fp32 delta, metadata) or raise DeltaRejected with the reason.
 
     `max_abs`: no weight may move further than this (the trust region honest clients ran with, up to rounding);
@@ -147,8 +154,13 @@ def decode_and_validate(data: bytes, base_state: dict[str, torch.Tensor], allowe
             if bool((excess > 0).any()):
                 raise DeltaRejected(f"tensor {k!r} moves a weight by {float(v.abs().max()):.3g}, beyond the "
                                     f"trust region of {max_abs:.3g} the clients run with")
-        delta_sq += float((v.double() ** 2).sum())
-        base_sq += float((base_state[k].double() ** 2).sum())
+        d_sq, w_sq = float((v.double() ** 2).sum()), float((base_state[k].double() ** 2).sum())
+        tensor_rel = d_sq ** 0.5 / max(w_sq ** 0.5, TENSOR_NORM_FLOOR * v.numel() ** 0.5)
+        if tensor_rel > tensor_norm_bound:
+            raise DeltaRejected(f"tensor {k!r} moves by {tensor_rel:.3g} x its own norm, over the per-tensor bound "
+                                f"{tensor_norm_bound:g}")
+        delta_sq += d_sq
+        base_sq += w_sq
     rel = (delta_sq ** 0.5) / max(base_sq ** 0.5, 1e-12)
     if rel > norm_bound:
         raise DeltaRejected(f"delta norm is {rel:.3g} x the base weights' norm, over the bound {norm_bound:g}")

@@ -4,15 +4,15 @@ One round = every connected node gets the base weights + TTP settings
 (`store.protocol`), personalizes on its own person's frames and answers with a
 delta and a few numbers. Each delta is validated (keys, shapes, dtypes, base hash,
 finite, norm bound, size cap, trust region, person id) by the store's delta policy and stored
-atomically per person; a refused delta is logged with its reason and the verdict is
-sent back to the node. Nodes that fail, answer with an error or never answer within
+atomically per person, but only for the person its node is bound to (`server.nodes`); a refused
+delta is logged with its reason and the verdict is sent back to the node. Nodes that fail, answer with an error or never answer within
 `round-timeout` are recorded and the round goes on.
 
 Run config (`[tool.flwr.app.config]`, override with `flwr run . --run-config 'k=v'`):
 base-checkpoint, data (simulation shards), scenario, ttp-steps, delta-dtype, storage,
 rounds, seed, min-nodes, node-wait, round-timeout, verdict-timeout, max-delta-bytes
 (0 = the fp32 size of every encoder/self_head parameter + header room), norm-bound,
-fedavg-base, eval-data, eval-persons.
+node-bindings, fedavg-base, eval-data, eval-persons.
 
 A summary JSON (per person: status, reason, bytes, version, metrics; wall time, peak
 memory, checkpoint bytes) is written to `{storage}/fl-runs/run-{run_id}.json`.
@@ -44,6 +44,8 @@ from store.deltas import DeltaStore
 from store.policy import DeltaPolicy, check_person_id
 from store.protocol import TRAIN, VERDICT, base_records, blob_from_record
 
+from .nodes import NodeBindings
+
 log = logging.getLogger("flwr.posettp")
 
 app = ServerApp()
@@ -71,6 +73,9 @@ class FLSettings:
     max_delta_bytes: int = setting(0, "largest delta accepted; 0 = fp32 size of all encoder/self_head params + "
                                       "header room")
     norm_bound: float = setting(DEFAULT_NORM_BOUND, "largest ||delta|| / ||base weights it touches||")
+    node_bindings: str = setting("", "node id -> person id file (`python -m server.nodes`); empty: "
+                                     "{storage}/auth/nodes.json if it exists, else a node keeps the first person "
+                                     "it claims in the run")
     fedavg_base: bool = setting(False, "also average the deltas into a new base and score it")
     eval_data: str = setting("", "shards for the fedavg check (default: data), test split")
     eval_persons: int = setting(0, "persons the fedavg check scores; 0 = every test person who did not take part")
@@ -105,11 +110,14 @@ def _numbers(record) -> dict:
     return {k: v for k, v in record.items()}
 
 
-def handle_reply(reply: Message, store: DeltaStore, node: int | None = None) -> dict:
+def handle_reply(reply: Message, store: DeltaStore, node: int | None = None,
+                 bindings: NodeBindings | None = None) -> dict:
     """Validate one client's reply and file its delta; returns the summary entry (never raises).
 
     `node` is the node the instruction went to: an error reply made by the SuperLink itself
     (node unavailable, message expired) comes from the SuperLink's node id, not the client's.
+    `bindings`: the run's node -> person rule; a reply for a person its node may not write is refused
+    and marked `bound: False`.
     """
     node = reply.metadata.src_node_id if node is None else node
     entry: dict = {"node_id": node, "person_id": None, "status": "failed", "reason": "", "bytes": 0}
@@ -133,6 +141,13 @@ def handle_reply(reply: Message, store: DeltaStore, node: int | None = None) -> 
     if extra:
         entry.update(status="refused", reason=f"reply carries records the protocol does not allow: {sorted(extra)}")
         return entry
+    if bindings is not None and entry["person_id"] is not None:
+        try:
+            bindings.claim(node, check_person_id(entry["person_id"]))
+        except DeltaRejected as exc:
+            entry.update(status="refused", reason=str(exc), bound=False)
+            log.warning("node %s person %s: refused: %s", node, entry["person_id"], exc)
+            return entry
     state = status.get("state")
     if state == "error":
         entry.update(status="failed", reason=str(status.get("reason", "")))
@@ -278,6 +293,8 @@ def run_federation(grid: Grid, context: Context) -> dict:
                        trust_region=radius if math.isfinite(radius) else None)
         log.info("base %s (%s, %d bytes), storage %s", settings.base_checkpoint, ck.sha256[:12], ck_bytes,
                  settings.storage if "://" in settings.storage else os.path.abspath(settings.storage))
+        bindings = NodeBindings.for_run(settings.node_bindings, settings.storage)
+        log.info("node bindings: %s", bindings.mode + (f" ({bindings.source})" if bindings.source else ""))
         for rnd in range(1, settings.rounds + 1):
             store = make_store(settings, ck)
             nodes = wait_for_nodes(grid, settings.min_nodes, settings.node_wait)
@@ -293,7 +310,8 @@ def run_federation(grid: Grid, context: Context) -> dict:
             tr = time.perf_counter()
             replies = list(grid.send_and_receive(msgs, timeout=settings.round_timeout))
             sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs if m.metadata.message_id}
-            entries = [handle_reply(r, store, sent_to.get(r.metadata.reply_to_message_id)) for r in replies]
+            entries = [handle_reply(r, store, sent_to.get(r.metadata.reply_to_message_id), bindings)
+                       for r in replies]
             answered = {e["node_id"] for e in entries}
             entries += [{"node_id": n, "person_id": None, "status": "timeout", "bytes": 0,
                          "reason": f"no reply within {settings.round_timeout:.0f}s"} for n in nodes if n not in answered]
@@ -306,12 +324,13 @@ def run_federation(grid: Grid, context: Context) -> dict:
                      "counts": counts, "base_sha256": ck.sha256}
             for e in entries:
                 e = {k: v for k, v in e.items() if k != "_data"}
-                key = e["person_id"] or f"node-{e['node_id']}"
+                key = e["person_id"] if e["person_id"] and e.get("bound", True) else f"node-{e['node_id']}"
                 summary["persons"][key] = dict(e, round=rnd,
                                                ratio_to_checkpoint=(e["bytes"] / ck_bytes) if e["bytes"] else 0.0)
             if settings.fedavg_base:
                 ck, rinfo["fedavg"] = fedavg_round(ck, store, entries, settings, run_id, rnd)
             summary["rounds"].append(rinfo)
+        summary["node_bindings"] = bindings.describe()
         stored = [p for p in summary["persons"].values() if p["status"] == "stored"]
         summary["status"] = "finished"
         summary["stored"] = len(stored)

@@ -54,6 +54,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.crops import prepare_crop
+from core.local_ray import init_local_ray, loopback_grpc_servers
 from model import io
 from model.checkpoint import META, load_checkpoint
 from model.config import from_dict, setting, settings_from_mapping
@@ -513,6 +514,7 @@ class PoseModel:
     """Base model once per replica; person models multiplexed (LRU) by person id; batched inference."""
 
     def __init__(self, settings: dict):
+        loopback_grpc_servers()
         s = ServeSettings(**settings)
         threads = s.torch_threads or max(1, math.ceil(s.num_cpus))
         torch.set_num_threads(threads)
@@ -617,6 +619,7 @@ async def _unexpected(request: Request, exc: Exception):
 @serve.ingress(api)
 class PoseIngress:
     def __init__(self, model, settings: dict):
+        loopback_grpc_servers()
         self.s = ServeSettings(**settings)
         self.model = model
         # colocated: the same PoseModel code, run inside this replica instead of behind a handle
@@ -752,9 +755,9 @@ def main(args) -> int:
     need_cpus = s.replicas * s.num_cpus + (0 if s.colocate else s.ingress_replicas * s.ingress_num_cpus)
     rc = 0
     original = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    ray.init(address="local", namespace="posettp-serve", _temp_dir=temp_dir, include_dashboard=False,
-             num_cpus=max(os.cpu_count() or 1, math.ceil(need_cpus)), num_gpus=None if s.num_gpus else 0,
-             log_to_driver=True)
+    init_local_ray(namespace="posettp-serve", _temp_dir=temp_dir, include_dashboard=False,
+                   num_cpus=max(os.cpu_count() or 1, math.ceil(need_cpus)), num_gpus=None if s.num_gpus else 0,
+                   log_to_driver=True)
     # after ray.init: Ray installs a SIGTERM handler that kills its processes and exits 1
     for sig in original:
         signal.signal(sig, on_signal)

@@ -3,7 +3,8 @@
 Deltas come from untrusted clients and the store may be tampered with after the fact, so every writer
 (the Flower server, `posettp personalize --store`) and every reader (`posettp evaluate --store`, Serve)
 holds a delta to the same rules, built from the base checkpoint: its keys, shapes and dtypes, a size cap
-(the fp32 size of every tensor a delta may carry, unless set lower), a norm bound, and the trust region
+(the fp32 size of every tensor a delta may carry, unless set lower), norm bounds (the whole delta's and each
+tensor's, relative to the base weights), and the trust region
 the checkpoint's own TTP settings run with (no honest delta moves a weight further).
 """
 from __future__ import annotations
@@ -15,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from model.checkpoint import Checkpoint
-from model.delta import DEFAULT_NORM_BOUND, DeltaRejected, decode_and_validate, deltable_keys
+from model.delta import (DEFAULT_NORM_BOUND, DEFAULT_TENSOR_NORM_BOUND, DeltaRejected, decode_and_validate,
+                         deltable_keys)
 
 PERSON_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 HEADER_ROOM = 65536  # safetensors header, metadata and int8 scales on top of the tensors
@@ -39,6 +41,7 @@ class DeltaPolicy:
     max_bytes: int
     norm_bound: float
     trust_region: float  # no weight may move further (up to rounding); inf = no trust region
+    tensor_norm_bound: float = DEFAULT_TENSOR_NORM_BOUND
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, sha256: str, *, trust_region: float = math.inf,
@@ -60,7 +63,7 @@ class DeltaPolicy:
     def check(self, data: bytes, person_id: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
         """(fp32 delta, metadata) of a delta that passes every rule; `person_id`: whom it must be for."""
         delta, meta = decode_and_validate(data, self.state, self.allowed_keys, self.sha256, self.max_bytes,
-                                          self.norm_bound, self.trust_region)
+                                          self.norm_bound, self.trust_region, self.tensor_norm_bound)
         if person_id is not None and meta.get("person_id") != person_id:
             raise DeltaRejected(f"delta is for person {meta.get('person_id')!r}, not {person_id!r}")
         return delta, meta

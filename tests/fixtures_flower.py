@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from posettp import procs
-from posettp.procs import MarkedTreeRss, pids_with_env, stop_pids
+from posettp.procs import MarkedTreeWatch, pids_with_env, stop_pids
 from tests.test_personalize import calibrate_norm_statistics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +128,6 @@ def write_flwr_config(home: Path, connections: dict[str, dict]) -> None:
     (home / "config.toml").write_text(tomli_w.dumps(doc))
 
 
-def TreeMemory(home: Path, every: float = 1.0) -> MarkedTreeRss:
+def TreeMemory(home: Path, every: float = 1.0) -> MarkedTreeWatch:
     """Peak summed RSS of every process started with FLWR_HOME=home (SuperLink, ServerApp, Ray, ClientApps)."""
-    return MarkedTreeRss("FLWR_HOME", str(home), every)
+    return MarkedTreeWatch("FLWR_HOME", str(home), every)

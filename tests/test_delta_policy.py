@@ -27,7 +27,7 @@ from tests.fixtures_flower import make_checkpoint, write_random_shards
 from tests.test_fl_validation import reply, task_identity  # noqa: F401 (the fixture stamps Flower messages)
 
 CASES = ("honest", "honest fp16", "wrong key", "wrong shape", "NaN", "wrong base", "beyond the trust region",
-         "erase the weights (-w)", "another person", "not safetensors", "header a JSON list", "scales a JSON list",
+         "erase the weights (-w)", "erase one tensor", "another person", "not safetensors", "header a JSON list", "scales a JSON list",
          "empty", "oversized")
 
 
@@ -67,6 +67,7 @@ def hostile_deltas(ck, person_of: dict[str, str]) -> dict[str, bytes]:
         "beyond the trust region": lambda c: enc(
             c, _one(honest, lambda d: d[first].view(-1).__setitem__(0, 1.05 * radius)), "fp32"),
         "erase the weights (-w)": lambda c: enc(c, {k: -state[k].float() for k in honest}, "fp32"),
+        "erase one tensor": lambda c: enc(c, {first: -state[first].float()}, "fp32"),
         "another person": lambda c: enc(c, honest, person="someone-else"),
         "not safetensors": lambda c: b"\x80\x04\x95 pickle? no." * 10,
         "header a JSON list": lambda c: len(b"[1, 2]").to_bytes(8, "little") + b"[1, 2]" + b"\0" * 64,
@@ -164,7 +165,8 @@ def test_every_user_of_the_store_gives_the_same_verdicts(world, monkeypatch, cap
         assert got == reference, (user, {c: (got[c], reference[c]) for c in got if got[c] != reference[c]})
     expected = {"wrong key": "not an encoder/self_head parameter", "wrong shape": "has shape", "NaN": "NaN or Inf",
                 "wrong base": "made for base", "beyond the trust region": "beyond the trust region",
-                "erase the weights (-w)": "beyond the trust region", "another person": "not 'p",
+                "erase the weights (-w)": "beyond the trust region", "erase one tensor": "beyond the trust region",
+                "another person": "not 'p",
                 "not safetensors": "not a safetensors file", "header a JSON list": "header is a JSON list",
                 "scales a JSON list": "scales are a JSON list", "empty": "holds no tensors", "oversized": "byte cap"}
     for case, words in expected.items():
@@ -192,7 +194,30 @@ def test_without_a_trust_region_the_norm_bound_refuses_scaled_weights(tmp_path, 
     state = ck.model.state_dict()
     keys = deltable_keys(state, {n for n, _ in ck.model.named_parameters()})
     scaled = encode_delta({k: factor * state[k].float() for k in keys}, "fp32", ck.sha256, "alice", "offline", 4, 8)
-    with pytest.raises(DeltaRejected, match="over the bound 0.25"):
+    with pytest.raises(DeltaRejected, match=r"over the (bound 0.25|per-tensor bound 0.4)"):
         store.file_delta("alice", scaled)
     honest = encode_delta({k: 0.05 * state[k].float() for k in keys}, "fp32", ck.sha256, "alice", "offline", 4, 8)
     assert store.file_delta("alice", honest)["person_id"] == "alice"
+
+
+def test_without_a_trust_region_erasing_one_tensor_is_refused_per_tensor(tmp_path):
+    """A delta that erases one small tensor (-w_k) and barely touches the rest stays under the global bound (it is
+    relative to every tensor the delta touches); the per-tensor bound refuses it, and 0.3 x that tensor (near the
+    largest honest per-tensor ratio, 0.317) passes."""
+    make_checkpoint(str(tmp_path / "ck"), ["ttp.drift_steps=0"])
+    ck = load_checkpoint(str(tmp_path / "ck"))
+    store = DeltaStore(str(tmp_path / "store"), DeltaPolicy.for_checkpoint(ck))
+    state = ck.model.state_dict()
+    keys = deltable_keys(state, {n for n, _ in ck.model.named_parameters()})
+    total = sum(float(state[k].double().pow(2).sum()) for k in keys) ** 0.5
+    convs = [k for k in keys if state[k].dim() > 1 and float(state[k].float().pow(2).mean().sqrt()) > 0.02]
+    key = min(convs, key=lambda k: float(state[k].norm()))  # a small conv with real weights
+    assert float(state[key].norm()) / total < 0.25  # the global bound alone would store the erasure
+
+    def delta(scale: float) -> bytes:
+        d = {k: (scale if k == key else 1e-6) * state[k].float() for k in keys}
+        return encode_delta(d, "fp32", ck.sha256, "alice", "offline", 4, 8)
+
+    with pytest.raises(DeltaRejected, match=rf"{key}.* moves by 1 x its own norm, over the per-tensor bound 0.4"):
+        store.file_delta("alice", delta(-1.0))
+    assert store.file_delta("alice", delta(0.3))["person_id"] == "alice"

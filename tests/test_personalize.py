@@ -98,7 +98,8 @@ def test_delta_extraction_and_application_reproduce_personalized_predictions(set
     base = model.state_dict()
     keys = deltable_keys(base, {n for n, _ in model.named_parameters()})
     data = encode_delta(extract_delta(base, result.state, keys), "fp32", "sha", "p1", "offline", 6, 12)
-    delta, meta = decode_and_validate(data, base, set(keys), "sha")
+    # a round trip, not the policy: lr 1e-3 on an untrained model moves single tensors far beyond honest TTP
+    delta, meta = decode_and_validate(data, base, set(keys), "sha", tensor_norm_bound=float("inf"))
     assert all(k.startswith(("encoder.", "self_head.")) for k in delta)
     restored = build_model(cfg.model)
     restored.load_state_dict(apply_delta(base, delta))

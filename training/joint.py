@@ -54,6 +54,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from core.crops import prepare_frames
+from core.local_ray import init_local_ray
 from core.scoring import headline_metric, score
 from data.shards import list_persons, read_manifest
 from model import io
@@ -62,6 +63,7 @@ from model.config import Config, ConfigError, from_dict, load_config
 from model.predict import predict_crops
 from training.data import batch_stream, derive_seed, load_worker_frames, validation_frames
 from training.loop import build_training, seed_everything, train_step
+from training.rendezvous import FileRendezvousTorchConfig
 
 FAIL_ENV = "POSETTP_FAIL_AT_STEP"
 MAX_FAILURES = int(os.environ.get("POSETTP_MAX_FAILURES", "3"))
@@ -438,15 +440,19 @@ def plan_run(args) -> Plan:
     return plan
 
 
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`); else start a private local Ray."""
-    if ray.is_initialized():
-        return
+def init_ray() -> bool:
+    """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`); else start a private local Ray on
+    loopback. True when the Ray is this machine's alone (started here, or an in-process one a test started)."""
     address = os.environ.get("RAY_ADDRESS", "")
-    if address in ("", "local"):
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    local = address in ("", "local")
+    if ray.is_initialized():
+        return local
+    if local:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the workers' gloo pairs meet on loopback too
+        init_local_ray(include_dashboard=False, log_to_driver=True)
     else:
         ray.init(address=address, log_to_driver=True)
+    return local
 
 
 def ray_storage(storage: str):
@@ -495,7 +501,7 @@ def run_trainer(plan: Plan, worker_fn=None):
 
         worker_fn = joint.train_worker
 
-    init_ray()
+    local = init_ray()
     resources = ray.cluster_resources()
     layout = worker_layout(plan.workers, plan.gpus, int(resources.get("CPU", 1)), int(resources.get("GPU", 0)),
                            plan.cfg.train.threads)
@@ -515,12 +521,14 @@ def run_trainer(plan: Plan, worker_fn=None):
           f"{layout.backend}, "
           f"storage {plan.run_url}, {plan.cfg.train.max_steps} steps of batch {plan.cfg.train.batch_size} per worker"
           + (f", resuming at step {plan.resume_step}" if plan.resume_from else ""), flush=True)
-    trainer = TorchTrainer(worker_fn, train_loop_config=loop_config,
-                           torch_config=TorchConfig(backend=layout.backend),
-                           scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                                        resources_per_worker=per_worker),
-                           run_config=run_config)
-    return trainer.fit()
+    with tempfile.TemporaryDirectory(prefix="posettp-pg-") as rendezvous:
+        torch_config = (FileRendezvousTorchConfig(backend=layout.backend, directory=rendezvous) if local
+                        else TorchConfig(backend=layout.backend))
+        trainer = TorchTrainer(worker_fn, train_loop_config=loop_config, torch_config=torch_config,
+                               scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                                            resources_per_worker=per_worker),
+                               run_config=run_config)
+        return trainer.fit()
 
 
 def plot_curves(rows: list[dict], url: str) -> None:

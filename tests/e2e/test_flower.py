@@ -157,6 +157,91 @@ def test_simulation_stores_a_delta_per_person_equal_to_a_local_run(assets, tmp_p
           f"peak RSS of all Flower/Ray processes {mem.peak_mb:.0f} MB")
 
 
+HOSTILE_CLIENT = """# A ClientApp for a test: the real one, except that partition 1 sends a malformed delta (a safetensors
+# header that is a JSON list) in place of its own.
+from client.app import train as honest_train, verdict as honest_verdict
+from flwr.clientapp import ClientApp
+from store.protocol import blob_record
+
+app = ClientApp()
+HEADER = b'["not", "an", "object"]'
+
+
+@app.train()
+def train(msg, context):
+    out = honest_train(msg, context)
+    if int(context.node_config["partition-id"]) == 1 and "delta" in out.content:
+        out.content["delta"] = blob_record(len(HEADER).to_bytes(8, "little") + HEADER + bytes(16))
+    return out
+
+
+@app.query("verdict")
+def verdict(msg, context):
+    return honest_verdict(msg, context)
+"""
+
+
+def hostile_app(root: Path) -> Path:
+    """A copy of the Flower app whose ClientApp is HOSTILE_CLIENT (the ServerApp is the product's own)."""
+    import shutil
+
+    import tomli_w
+    import tomllib
+
+    app = root / "app"
+    for d in ("model", "data", "core", "store", "training", "client", "server", "configs"):
+        shutil.copytree(REPO / d, app / d, ignore=shutil.ignore_patterns("__pycache__"))
+    doc = tomllib.loads((REPO / "pyproject.toml").read_text())
+    doc["tool"]["flwr"]["app"]["components"]["clientapp"] = "hostile_client:app"
+    doc["tool"]["flwr"]["app"]["fab-include"].append("hostile_client.py")
+    (app / "pyproject.toml").write_text(tomli_w.dumps(doc))
+    (app / "hostile_client.py").write_text(HOSTILE_CLIENT)
+    return app
+
+
+def test_simulation_one_malformed_delta_among_good_ones(assets, tmp_path):
+    """Three simulated persons, the second sends a malformed delta: the round goes on, the other two are stored,
+    the second is refused with the reason, told so, and the summary lists all three; every socket the run's
+    processes (local SuperLink, simulation, Ray) listen on is on loopback."""
+    from data.shards import list_persons
+    from model.checkpoint import load_checkpoint
+
+    from posettp.procs import exposed
+
+    persons = list_persons(assets["shards"], "test")[:3]
+    home, store = tmp_path / "flwr", tmp_path / "store"
+    write_flwr_config(home, {"local": {"address": ":local:"}})
+    env = flower_env(home)
+    rc = run_config(**{"base-checkpoint": assets["ck"], "data": assets["shards"], "storage": str(store),
+                       "ttp-steps": STEPS, "seed": SEED, "min-nodes": 3, "node-wait": 120.0, "round-timeout": 600.0})
+    try:
+        with TreeMemory(home, every=0.5) as watch:
+            res = subprocess.run([FLWR, "run", str(hostile_app(tmp_path)), "--stream", "--federation-config",
+                                  "num-supernodes=3 client-resources-num-cpus=1", "--run-config", rc],
+                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-4000:]
+        run_id = started_run_id(res.stdout)
+        assert run_status(env, [], run_id)["status"] == "finished:completed"
+    finally:
+        stop_tree_by_env(home)
+    summary = summary_of(store, run_id)
+    status = {p: summary["persons"][p]["status"] for p in persons}
+    assert status == {persons[0]: "stored", persons[1]: "refused", persons[2]: "stored"}, summary["persons"]
+    reason = summary["persons"][persons[1]]["reason"]
+    assert "header is a JSON list" in reason, reason
+    assert summary["rounds"][0]["counts"]["stored"] == 2 and summary["rounds"][0]["counts"]["refused"] == 1
+    assert f"person {persons[1]}: delta refused" in out, out[-4000:]  # the node was told why
+    ck = load_checkpoint(assets["ck"])
+    for p in (persons[0], persons[2]):
+        apply_stored(ck, str(store), p)
+    assert not (store / "persons" / persons[1]).exists()
+    assert {"gcs_server", "raylet"} <= {name for _, _, name in watch.sockets}, sorted(watch.sockets)
+    assert not exposed(watch.sockets), sorted(exposed(watch.sockets))
+    print(f"\nsimulation with a malformed delta: {status}; {persons[1]}: {reason}; "
+          f"{len(watch.sockets)} listening sockets, all on loopback")
+
+
 # --- deployment ---------------------------------------------------------------------------------
 
 
@@ -207,23 +292,36 @@ def secure_deployment(tmp_path, nodes: int):
     return certs, home, store, port, Procs(tmp_path, flower_env(home))
 
 
-def test_deployment_tls_node_auth_two_persons_and_unregistered_node_refused(assets, tmp_path):
+def register_and_bind(env: dict, certs: Path, store: Path, bindings: dict[str, str]) -> dict[str, int]:
+    """`flwr supernode register` each key, then bind the node id it prints to a person with `server.nodes`."""
+    ids = {}
+    for key, person in bindings.items():
+        res = flwr(["supernode", "register", str(certs / f"{key}.pub"), "deploy", "--format", "json"], env, timeout=60)
+        assert res.returncode == 0, res.stdout + res.stderr
+        ids[key] = int(json.loads(res.stdout[res.stdout.index("{"):])["node-id"])
+        bind = subprocess.run([str(VENV_BIN / "python"), "-m", "server.nodes", "bind", "--store", str(store),
+                               "--node", str(ids[key]), "--person", person], cwd=REPO, capture_output=True, text=True)
+        assert bind.returncode == 0, bind.stderr
+    return ids
+
+
+def test_deployment_tls_node_auth_bound_persons_and_intruders_refused(assets, tmp_path):
+    """Two nodes write their own persons; a third, registered and bound to another person, claims the first's
+    person with that person's data and is refused; an unregistered key never joins."""
     from data.shards import list_persons, load_frames
     from model.checkpoint import load_checkpoint
 
-    certs, home, store, port, procs = secure_deployment(tmp_path, nodes=3)
+    certs, home, store, port, procs = secure_deployment(tmp_path, nodes=4)
     env = procs.env
-    persons = list_persons(assets["shards"], "test")[:2]
+    persons = list_persons(assets["shards"], "test")[:3]
     folder = tmp_path / "person-b-frames"
     write_image_folder(load_frames(assets["shards"], person=persons[1]), str(folder))
     try:
         start_secure_superlink(procs, certs, port)
-        for key in ("node-1.pub", "node-2.pub"):
-            res = flwr(["supernode", "register", str(certs / key), "deploy"], env, timeout=60)
-            assert res.returncode == 0 and "registered" in res.stdout, res.stdout + res.stderr
+        ids = register_and_bind(env, certs, store, {"node-1": persons[0], "node-2": persons[1], "node-3": persons[2]})
 
         # an unregistered key is refused and never joins
-        intruder = procs.start("intruder", supernode_cmd(certs, port, "node-3", 'person-id="mallory" data-path="/x"'))
+        intruder = procs.start("intruder", supernode_cmd(certs, port, "node-4", 'person-id="mallory" data-path="/x"'))
         try:
             intruder.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -234,8 +332,10 @@ def test_deployment_tls_node_auth_two_persons_and_unregistered_node_refused(asse
         procs.start("node-a", supernode_cmd(certs, port, "node-1",
                                             f'person-id="{persons[0]}" data-path="{assets["shards"]}"'))
         procs.start("node-b", supernode_cmd(certs, port, "node-2", f'person-id="{persons[1]}" data-path="{folder}"'))
+        procs.start("node-c", supernode_cmd(certs, port, "node-3",  # bound to persons[2], claims persons[0]
+                                            f'person-id="{persons[0]}" data-path="{assets["shards"]}"'))
         rc = run_config(**{"base-checkpoint": assets["ck"], "storage": str(store), "ttp-steps": STEPS,
-                           "seed": SEED, "delta-dtype": "int8", "min-nodes": 2, "node-wait": 120.0,
+                           "seed": SEED, "delta-dtype": "int8", "min-nodes": 3, "node-wait": 120.0,
                            "round-timeout": 600.0})
         t0 = time.perf_counter()
         res = flwr(["run", ".", "deploy", "--stream", "--run-config", rc], env)
@@ -245,22 +345,30 @@ def test_deployment_tls_node_auth_two_persons_and_unregistered_node_refused(asse
         status = run_status(env, ["deploy"], run_id)
         assert status["status"] == "finished:completed", status
         node_logs = procs.log("node-a") + procs.log("node-b")
+        intruder_log = procs.log("node-c")
     finally:
         procs.stop()
         stop_tree_by_env(home)
 
     summary = summary_of(store, run_id)
     assert summary["status"] == "finished" and summary["stored"] == 2, summary
-    assert set(summary["persons"]) == set(persons), summary["persons"].keys()  # mallory never took part
+    assert summary["node_bindings"]["mode"] == "operator", summary["node_bindings"]
+    claim = summary["persons"].pop(f"node-{ids['node-3']}")
+    assert claim["status"] == "refused" and claim["person_id"] == persons[0], claim
+    assert f"node {ids['node-3']} is bound to person '{persons[2]}', not '{persons[0]}'" in claim["reason"]
+    assert set(summary["persons"]) == set(persons[:2]), summary["persons"].keys()  # mallory never took part
+    assert summary["persons"][persons[0]]["node_id"] == ids["node-1"]
+    assert "delta refused" in intruder_log and "is bound to person" in intruder_log  # node c was told why
     ck = load_checkpoint(assets["ck"])
-    for p in persons:
+    for p in persons[:2]:
         _, delta, meta = apply_stored(ck, str(store), p)
         assert meta["dtype"] == "int8" and meta["base_sha256"] == ck.sha256
         assert set(delta) and all(k.startswith(("encoder.", "self_head.")) for k in delta)
     assert "delta stored" in node_logs  # the verdict reached the nodes
     ratio = summary["mean_delta_bytes"] / summary["checkpoint_bytes"]
     assert ratio < 0.10
-    print(f"\ndeployment: 2 persons over TLS + node auth, flwr run {wall:.1f}s, delta "
+    print(f"\nnode c (bound to {persons[2]}) claiming {persons[0]}: refused: {claim['reason']}")
+    print(f"deployment: 2 persons over TLS + node auth, flwr run {wall:.1f}s, delta "
           f"{summary['mean_delta_bytes']:.0f} bytes = {100 * ratio:.1f}% of the {summary['checkpoint_bytes']}-byte "
           f"checkpoint, network {status.get('network-traffic')}")
 

@@ -17,10 +17,12 @@ import pytest
 import torch
 
 from model import io
+from posettp.procs import MarkedTreeWatch, exposed
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import load_config
 from model.network import build_model
-from tests.fixtures_ray import REPO, VENV_BIN, joint_args, make_synth, ray_env, ray_head, run_joint, tagged
+from tests.fixtures_ray import (REPO, TAG_KEY, VENV_BIN, joint_args, make_synth, ray_env, ray_head, run_joint,
+                                tagged)
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +104,22 @@ def test_s3_storage_on_moto(synth, s3_server, tmp_path):
 def reference_run(synth, tmp_path_factory) -> dict:
     """An uninterrupted run: what fault recovery and --resume must reproduce bit for bit."""
     storage = tmp_path_factory.mktemp("ref") / "runs"
-    with tagged("ref") as (tag, ray_tmp):
+    with tagged("ref") as (tag, ray_tmp), MarkedTreeWatch(TAG_KEY, tag) as watch:
         res = run_joint(joint_args(synth, str(storage), "ref"), ray_env(tag, ray_tmp, RAY_ADDRESS="local"))
     assert res.returncode == 0, res.stderr[-6000:]
     latest = _check_run(str(storage / "ref"))
     return {"latest": latest, "sha": load_checkpoint(latest["checkpoint"]).sha256,
-            "optimizer": io.read_bytes(io.join(latest["checkpoint"], "optimizer.safetensors"))}
+            "optimizer": io.read_bytes(io.join(latest["checkpoint"], "optimizer.safetensors")),
+            "sockets": watch.sockets}
+
+
+@pytest.mark.slow
+def test_private_ray_listens_on_loopback_only(reference_run):
+    """Every socket the local run's processes (driver, GCS, raylet, Train workers, agents) listened on."""
+    sockets = reference_run["sockets"]
+    assert {"gcs_server", "raylet"} <= {name for _, _, name in sockets}, sorted(sockets)
+    assert not exposed(sockets), sorted(exposed(sockets))
+    print(f"\ntrain: {len(sockets)} listening sockets seen during the run, all on loopback")
 
 
 @pytest.mark.slow

@@ -16,11 +16,13 @@ import numpy as np
 import pytest
 import requests
 
+from posettp.procs import exposed, listening_sockets
 from server.auth import add_token
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root, also under plain `pytest`
 from tests.fixtures_serve import (ServeProcess, land_delta, make_checkpoint, make_image,  # noqa: E402
-                                  person_model, png_with_header, reference_keypoints, write_serve_config)
+                                  person_model, png_with_header, reference_keypoints, session_processes,
+                                  write_serve_config)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -80,6 +82,16 @@ def test_healthz(server):
     h = server["health"]
     assert h["status"] == "ok" and h["auth"] is True and h["image_size"] == 64 and h["num_joints"] == 13
     assert h["flip_test"] is False  # the default
+
+
+def test_nothing_listens_beyond_loopback(server):
+    """Serve's HTTP proxy and every Ray process behind it (GCS, raylet, workers, agents) bind 127.0.0.1."""
+    sockets = listening_sockets(session_processes(server["proc"].proc.pid))
+    names = {name for _, _, name in sockets}
+    assert ("127.0.0.1", server["proc"].port) in {(a, p) for a, p, _ in sockets}, sorted(sockets)
+    assert {"gcs_server", "raylet"} <= names, sorted(sockets)
+    assert not exposed(sockets), sorted(exposed(sockets))
+    print(f"\nserve: {len(sockets)} listening sockets, all on loopback: {sorted(names)}")
 
 
 def test_keypoints_equal_offline_predictions(server):
