@@ -19,7 +19,7 @@ from core.local_ray import LOOPBACK_ENV
 
 def flower_env(home: Path | str, **extra: str) -> dict:
     """The environment of a local Flower/Ray run: its own FLWR_HOME (which also marks every process it starts,
-    for `stop_marked` and `MarkedTreeRss`), a local Ray on loopback, this venv's tools first, no telemetry, no
+    for `stop_marked` and `MarkedTreeWatch`), a local Ray on loopback, this venv's tools first, no telemetry, no
     update check, and no runtime dependency installation (it would download a CUDA torch)."""
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", RAY_ADDRESS="local",

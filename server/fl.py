@@ -3,10 +3,10 @@
 One round = every connected node gets the base weights + TTP settings
 (`store.protocol`), personalizes on its own person's frames and answers with a
 delta and a few numbers. Each delta is validated (keys, shapes, dtypes, base hash,
-finite, norm bound, size cap, trust region, person id) by the store's delta policy and stored
+finite, norm bounds, size cap, trust region, person id) by the store's delta policy and stored
 atomically per person, but only for the person its node is bound to (`server.nodes`); a refused
-delta is logged with its reason and the verdict is sent back to the node. Nodes that fail, answer with an error or never answer within
-`round-timeout` are recorded and the round goes on.
+delta is logged with its reason and the verdict is sent back to the node. Nodes that fail,
+answer with an error or never answer within `round-timeout` are recorded and the round goes on.
 
 Run config (`[tool.flwr.app.config]`, override with `flwr run . --run-config 'k=v'`):
 base-checkpoint, data (simulation shards), scenario, ttp-steps, delta-dtype, storage,

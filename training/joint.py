@@ -442,11 +442,11 @@ def plan_run(args) -> Plan:
 
 def init_ray() -> bool:
     """Join the cluster named by RAY_ADDRESS (set inside `ray job submit`); else start a private local Ray on
-    loopback. True when the Ray is this machine's alone (started here, or an in-process one a test started)."""
+    loopback. True when that private Ray was started here (a Ray the caller already joined is not assumed local)."""
+    if ray.is_initialized():
+        return False
     address = os.environ.get("RAY_ADDRESS", "")
     local = address in ("", "local")
-    if ray.is_initialized():
-        return local
     if local:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # the workers' gloo pairs meet on loopback too
         init_local_ray(include_dashboard=False, log_to_driver=True)
