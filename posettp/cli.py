@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import os
 import sys
@@ -21,9 +22,18 @@ def _device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=f"{' | '.join(DEVICES)} | cuda:N (auto: the GPU when present)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags, in every subcommand too (`--image` must not quietly mean `--images`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="posettp", description="Test-time personalization of 2D human pose, "
-                                     "trained on Ray, personalized with Flower, served with Ray Serve.")
+    parser = _Parser(prog="posettp", description="Test-time personalization of 2D human pose, "
+                     "trained on Ray, personalized with Flower, served with Ray Serve.")
+    parser.add_argument("--version", action="version", version=f"posettp {importlib.metadata.version('posettp')}")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 

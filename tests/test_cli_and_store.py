@@ -21,6 +21,19 @@ def test_help_lists_every_design_command():
         assert command in out.stdout
 
 
+def test_version_and_no_abbreviated_flags(capsys):
+    from importlib.metadata import version
+
+    from posettp.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"posettp {version('posettp')}"
+    with pytest.raises(SystemExit) as exit_:  # `--image` is not taken for `--images`
+        main(["personalize", "--checkpoint", "ck", "--image", "frames", "--scenario", "online", "--out", "d"])
+    assert exit_.value.code == 2 and "--images" in capsys.readouterr().err
+
+
 def test_info_json_reports_paper_parameter_count():
     out = subprocess.run([sys.executable, "-m", "posettp.cli", "info", "--config", "configs/penn_res50.yaml",
                           "--json"], capture_output=True, text=True, check=True)
