@@ -27,6 +27,27 @@ class ConfigError(ValueError):
     """A configuration file or override that cannot be applied."""
 
 
+# The shipped configs: `configs/` beside the packages, in a checkout and in an installed wheel alike
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(f.stem for f in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file by path, or a shipped config by name (`synth_small`, `synth_small.yaml` or
+    `configs/synth_small.yaml`) from any working directory."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    shipped = SHIPPED_CONFIGS / (p.name if p.suffix == ".yaml" else f"{p.name}.yaml")
+    if p.parent in (Path("."), Path("configs")) and shipped.is_file():
+        return shipped
+    raise ConfigError(f"config not found: {name_or_path} (give a path, or a shipped config: "
+                      f"{', '.join(shipped_configs())})")
+
+
 def setting(default: Any, help: str, *, research: bool = False) -> Any:
     """A settings field with its help line; a list default becomes a per-instance copy."""
     meta = {"help": help, "research": research}
@@ -379,10 +400,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load a YAML config (or the defaults) and apply `dotted.key=value` overrides."""
     data: dict = {}
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(config_path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     cfg = Config()

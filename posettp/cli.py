@@ -8,12 +8,13 @@ import logging
 import os
 import sys
 
-from model.config import VARIANTS
+from model.config import VARIANTS, shipped_configs
 from model.device import DEVICES
 
 
 def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, help="YAML config (configs/*.yaml)")
+    p.add_argument("--config", required=required,
+                   help=f"a shipped config by name ({', '.join(shipped_configs())}) or a YAML path")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), e.g. --set train.max_steps=30")
 
@@ -118,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8100)
-    p.add_argument("--config", default="configs/serve.yaml")
+    p.add_argument("--config", default="serve", help="Serve config: a shipped name or a YAML path (default: serve)")
     p.set_defaults(target="server.serve:main")
 
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data")

@@ -48,7 +48,8 @@ def render() -> str:
     out = ["# Settings reference", "",
            "Generated from the settings dataclasses by `python -m posettp.settings_doc --write`; do not edit by hand.",
            "", "## Config", "",
-           "YAML files under `configs/` (`--config configs/NAME.yaml`) and `--set section.key=value` on every command "
+           "YAML files under `configs/` (`--config NAME` from any directory, or a path) and `--set section.key=value` "
+           "on every command "
            "with `--config`; unknown keys are errors. In each section the paper's settings (and the plumbing "
            "that runs them) come first, then the research knobs that go beyond the paper (`research` in the "
            "field's metadata, `model/config.py`).", ""]

@@ -57,7 +57,7 @@ from core.crops import prepare_crop
 from core.local_ray import init_local_ray, loopback_grpc_servers
 from model import io
 from model.checkpoint import META, load_checkpoint
-from model.config import from_dict, setting, settings_from_mapping
+from model.config import config_path, from_dict, setting, settings_from_mapping
 from model.delta import DEFAULT_NORM_BOUND, DeltaRejected, apply_delta
 from model.network import PoseTTPNet
 from model.predict import predict_crops
@@ -715,9 +715,7 @@ def read_serve_config(path: str | None) -> dict:
 
     if not path:
         return {"args": {}, "name": APP_NAME, "route_prefix": "/"}
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"serve config not found: {path}")
-    data = yaml.safe_load(open(path)) or {}
+    data = yaml.safe_load(config_path(path).read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: top level must be a mapping")
     if "applications" in data:

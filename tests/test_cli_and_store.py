@@ -34,6 +34,19 @@ def test_version_and_no_abbreviated_flags(capsys):
     assert exit_.value.code == 2 and "--images" in capsys.readouterr().err
 
 
+def test_shipped_configs_by_name_from_any_directory(tmp_path):
+    """`--config NAME` finds a shipped config outside the checkout; an unknown name lists the shipped ones."""
+    info = [sys.executable, "-m", "posettp.cli", "info", "--json", "--config"]
+    by_name = subprocess.run(info + ["penn_res50"], cwd=tmp_path, capture_output=True, text=True)
+    assert by_name.returncode == 0, by_name.stderr
+    assert json.loads(by_name.stdout)["params"]["total"] == 39_817_343
+    old_style = subprocess.run(info + ["configs/penn_res50.yaml"], cwd=tmp_path, capture_output=True, text=True)
+    assert old_style.returncode == 0 and old_style.stdout == by_name.stdout
+    wrong = subprocess.run(info + ["penn_res05"], cwd=tmp_path, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "config not found: penn_res05" in wrong.stderr
+    assert "penn_res50, serve, synth_paper, synth_small" in wrong.stderr
+
+
 def test_info_json_reports_paper_parameter_count():
     out = subprocess.run([sys.executable, "-m", "posettp.cli", "info", "--config", "configs/penn_res50.yaml",
                           "--json"], capture_output=True, text=True, check=True)

@@ -1,0 +1,153 @@
+"""The `posettp` command: argument parsing and dispatch into the packages, nothing else."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import logging
+import os
+import sys
+
+from model.config import VARIANTS, shipped_configs
+from model.device import DEVICES
+
+
+def _config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required,
+                   help=f"a shipped config by name ({', '.join(shipped_configs())}) or a YAML path")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set train.max_steps=30")
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=f"{' | '.join(DEVICES)} | cuda:N (auto: the GPU when present)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags, in every subcommand too (`--image` must not quietly mean `--images`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="posettp", description="Test-time personalization of 2D human pose, "
+                     "trained on Ray, personalized with Flower, served with Ray Serve.")
+    parser.add_argument("--version", action="version", version=f"posettp {importlib.metadata.version('posettp')}")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="parameter counts per submodule and forward GFLOPs")
+    _config_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(target="posettp.info:main")
+
+    p = sub.add_parser("synth", help="write synthetic persons as Parquet shards")
+    p.add_argument("--out", required=True, help="output URL (path, file://, s3://)")
+    p.add_argument("--persons", type=int, required=True)
+    p.add_argument("--frames", type=int, required=True, help="frames per video")
+    p.add_argument("--size", type=int, default=128, help="frame size in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shift", type=float, default=None, help="appearance shift of test persons (0..1)")
+    p.add_argument("--shift-components", default="clothing,body,background",
+                   help="which parts of the look --shift moves (comma-separated; the others stay as in training)")
+    p.add_argument("--split", default="all", choices=["all", "train", "val", "test"])
+    p.add_argument("--videos", type=int, default=None, help="videos per person")
+    p.add_argument("--extra-frames", type=int, default=None, help="unlabeled extra frames per test person")
+    p.set_defaults(target="data.synth:main")
+
+    p = sub.add_parser("import", help="convert a real dataset (Penn Action, BBC Pose, Human3.6M) to shards")
+    p.add_argument("dataset", choices=["penn", "bbc", "h36m"])
+    p.add_argument("--src", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(target="data.importers:main")
+
+    p = sub.add_parser("train", help="joint training through Ray Train (same as training/joint.py)")
+    _config_args(p)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--gpus", type=int, default=None)
+    p.add_argument("--storage", default=None)
+    p.add_argument("--name", default=None, help="run name (default: config name)")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(target="training.joint:main_from_args")
+
+    p = sub.add_parser("personalize", help="TTP on one person, alone, no Flower")
+    p.add_argument("--checkpoint", required=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help="folder of frames (sorted by name)")
+    src.add_argument("--video", help="video file")
+    src.add_argument("--shards", help="shards URL (with --person)")
+    p.add_argument("--person", help="person id in the shards / in the store")
+    p.add_argument("--scenario", choices=["online", "offline"], required=True)
+    dst = p.add_mutually_exclusive_group(required=True)
+    dst.add_argument("--out", help="delta file to write")
+    dst.add_argument("--store", help="store URL: file the delta under persons/{id}/")
+    p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "int8"])
+    p.add_argument("--overlay", help="write an overlay video/folder of the predictions")
+    _device_arg(p)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(target="client.edge:main")
+
+    p = sub.add_parser("evaluate", help="per-person and mean PCK with or without TTP")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--scenario", choices=["none", "online", "offline"], default="none")
+    p.add_argument("--store", help="apply each person's latest stored delta (scenario none)")
+    p.add_argument("--persons", type=int, default=None, help="evaluate only the first N persons")
+    _device_arg(p)
+    p.add_argument("--json", dest="json_out")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(target="training.evaluate:main")
+
+    p = sub.add_parser("reproduce", help="the paper's experiments on our data")
+    p.add_argument("experiment", choices=["table1", "table2", "table5", "fig3", "fig4"])
+    _config_args(p)
+    p.add_argument("--out", default="runs/reproduce")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="table1's rows, comma-separated; baseline is always needed (default: all four)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                   help="worker processes for the models and evaluations (default: one per core)")
+    _device_arg(p)
+    p.add_argument("--json", dest="json_out")
+    p.set_defaults(target="training.reproduce:main")
+
+    p = sub.add_parser("serve", help="run the Ray Serve app in the foreground")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--store", required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--config", default="serve", help="Serve config: a shipped name or a YAML path (default: serve)")
+    p.set_defaults(target="server.serve:main")
+
+    p = sub.add_parser("demo", help="the whole pipeline on synthetic data")
+    p.add_argument("--out", default="demo-out")
+    p.set_defaults(target="posettp.demo:main")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    module_name, func_name = args.target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith(module_name.split(".")[0]):
+            print(f"posettp {args.command}: not built yet ({module_name})", file=sys.stderr)
+            return 2
+        raise
+    try:
+        return int(getattr(module, func_name)(args) or 0)
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        if args.verbose:
+            raise
+        print(f"posettp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
