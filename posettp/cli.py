@@ -122,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="serve", help="Serve config: a shipped name or a YAML path (default: serve)")
     p.set_defaults(target="server.serve:main")
 
+    p = sub.add_parser("token", help="per-person bearer tokens of the pose API (stored hashed)")
+    p.add_argument("action", choices=["add", "list", "revoke"], help="add prints the new token alone on its last line")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--store", help="delta store URL (tokens at {store}/auth/tokens.json)")
+    where.add_argument("--tokens", help="tokens file URL")
+    p.add_argument("--person", help="person id (add, revoke)")
+    p.set_defaults(target="server.auth:token_command")
+
+    p = sub.add_parser("node", help="bind Flower SuperNode ids to the persons they may personalize")
+    p.add_argument("action", choices=["bind", "unbind", "list"])
+    p.add_argument("--store", required=True, help="delta store URL (bindings at {store}/auth/nodes.json)")
+    p.add_argument("--file", default="", help="bindings file URL instead of {store}/auth/nodes.json")
+    p.add_argument("--node", type=int, help="SuperNode id (`flwr supernode register` prints it)")
+    p.add_argument("--person", help="person id [A-Za-z0-9_.-]{1,64} (bind)")
+    p.set_defaults(target="server.nodes:node_command")
+
     p = sub.add_parser("demo", help="the whole pipeline on synthetic data")
     p.add_argument("--out", default="demo-out")
     p.set_defaults(target="posettp.demo:main")

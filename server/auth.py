@@ -6,12 +6,11 @@ token is made and never stored. Tokens are 32 random bytes, so a plain sha256 is
 enough (no password-style stretching needed). A token only opens its own
 person: another person's token is a 403 like a wrong one.
 
-    python -m server.auth add --store URL --person alice      # prints the token
-    python -m server.auth remove --store URL --person alice
+    posettp token add --store URL --person alice      # prints the token
+    posettp token revoke --store URL --person alice
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import hmac
 import json
@@ -121,25 +120,18 @@ class TokenTable:
             raise AuthError(403, f"token not valid for person {person_id!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m server.auth", description="manage per-person API tokens")
-    parser.add_argument("action", choices=["add", "remove", "list"])
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--store", help="delta store URL (tokens at {store}/auth/tokens.json)")
-    where.add_argument("--tokens", help="tokens file URL")
-    parser.add_argument("--person", help="person id (add/remove)")
-    args = parser.parse_args(argv)
+def token_command(args) -> int:
+    """`posettp token add|list|revoke`: `add` prints the new token alone on its last line."""
     url = args.tokens or default_tokens_url(args.store)
     if args.action == "list":
         print("\n".join(sorted(read_tokens(url))))
         return 0
     if not args.person:
-        parser.error("--person is required for add/remove")
+        raise ValueError(f"{args.action} needs --person")
     if args.action == "add":
         print(add_token(url, args.person))
         return 0
-    return 0 if remove_token(url, args.person) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if not remove_token(url, args.person):
+        print(f"person {args.person!r} had no token", file=sys.stderr)
+        return 1
+    return 0

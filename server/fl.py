@@ -73,7 +73,7 @@ class FLSettings:
     max_delta_bytes: int = setting(0, "largest delta accepted; 0 = fp32 size of all encoder/self_head params + "
                                       "header room")
     norm_bound: float = setting(DEFAULT_NORM_BOUND, "largest ||delta|| / ||base weights it touches||")
-    node_bindings: str = setting("", "node id -> person id file (`python -m server.nodes`); empty: "
+    node_bindings: str = setting("", "node id -> person id file (`posettp node bind`); empty: "
                                      "{storage}/auth/nodes.json if it exists, else a node keeps the first person "
                                      "it claims in the run")
     fedavg_base: bool = setting(False, "also average the deltas into a new base and score it")

@@ -8,13 +8,12 @@ other than its node's, is refused. Without it (simulation, or a trial deployment
 claim: a node keeps the first person it answers for, a person keeps the first node, and later claims that
 break either are refused.
 
-    python -m server.nodes bind --store URL --node 1234567890 --person alice
-    python -m server.nodes unbind --store URL --node 1234567890
-    python -m server.nodes list --store URL
+    posettp node bind --store URL --node 1234567890 --person alice
+    posettp node unbind --store URL --node 1234567890
+    posettp node list --store URL
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -80,7 +79,7 @@ class NodeBindings:
             bound = self.fixed.get(node)
             if bound is None:
                 raise NodeNotBound(f"node {node} is not bound to a person; the operator binds it with "
-                                   f"`python -m server.nodes bind`")
+                                   f"`posettp node bind`")
             if bound != person:
                 raise NodeNotBound(f"node {node} is bound to person {bound!r}, not {person!r}")
             return
@@ -99,38 +98,22 @@ class NodeBindings:
         return {"mode": self.mode, "claims": {str(n): p for n, p in sorted(self.claims.items())}}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m server.nodes", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    for name, help_ in (("bind", "bind a node id to a person id"), ("unbind", "remove a node's binding"),
-                        ("list", "print the bindings as JSON")):
-        p = sub.add_parser(name, help=help_)
-        p.add_argument("--store", required=True, help="delta store URL (the file is {store}/auth/nodes.json)")
-        p.add_argument("--file", default="", help="bindings file URL instead of {store}/auth/nodes.json")
-        if name != "list":
-            p.add_argument("--node", required=True, type=int, help="SuperNode id (`flwr supernode register` prints it)")
-        if name == "bind":
-            p.add_argument("--person", required=True, help="person id [A-Za-z0-9_.-]{1,64}")
-    args = ap.parse_args(argv)
+def node_command(args) -> int:
+    """`posettp node bind|unbind|list`: edit or print the bindings file."""
     url = args.file or default_bindings_url(args.store)
-    try:
-        if args.cmd == "list":
-            nodes = read_bindings(url) if io.exists(url) else {}
-            print(json.dumps({str(n): p for n, p in sorted(nodes.items())}, indent=2))
-            return 0
-        with io.updating(url):
-            nodes = read_bindings(url) if io.exists(url) else {}
-            if args.cmd == "bind":
-                nodes[args.node] = check_person_id(args.person)
-            elif nodes.pop(args.node, None) is None:
-                print(f"node {args.node} was not bound", file=sys.stderr)
-                return 1
-            write_bindings(url, nodes)
-    except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(f"bound node {args.node} to {args.person}" if args.cmd == "bind" else f"unbound node {args.node}")
+    if args.action == "list":
+        nodes = read_bindings(url) if io.exists(url) else {}
+        print(json.dumps({str(n): p for n, p in sorted(nodes.items())}, indent=2))
+        return 0
+    if args.node is None or (args.action == "bind" and not args.person):
+        raise ValueError(f"{args.action} needs --node" + (" and --person" if args.action == "bind" else ""))
+    with io.updating(url):
+        nodes = read_bindings(url) if io.exists(url) else {}
+        if args.action == "bind":
+            nodes[args.node] = check_person_id(args.person)
+        elif nodes.pop(args.node, None) is None:
+            print(f"node {args.node} was not bound", file=sys.stderr)
+            return 1
+        write_bindings(url, nodes)
+    print(f"bound node {args.node} to {args.person}" if args.action == "bind" else f"unbound node {args.node}")
     return 0
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,7 +12,7 @@ from model.network import build_model
 from store.deltas import DeltaStore
 from store.policy import DeltaPolicy
 
-COMMANDS = ["info", "synth", "import", "train", "personalize", "evaluate", "reproduce", "serve", "demo"]
+COMMANDS = ["info", "synth", "import", "train", "personalize", "evaluate", "reproduce", "serve", "demo", "token", "node"]
 
 
 def test_help_lists_every_design_command():
@@ -170,6 +170,25 @@ def test_concurrent_token_adds_keep_every_token(tmp_path):
     table = read_tokens(url)
     assert sorted(table) == persons
     assert all(table[p] == hash_token(tokens[p]) for p in persons)
+
+
+def test_posettp_token_add_list_revoke(tmp_path, capsys):
+    from posettp.cli import main
+    from server.auth import AuthError, TokenTable
+
+    store = str(tmp_path / "store")
+    assert main(["token", "add", "--store", store, "--person", "alice"]) == 0
+    token = capsys.readouterr().out.splitlines()[-1]  # the token alone on the last line
+    table = TokenTable(str(tmp_path / "store/auth/tokens.json"))
+    table.reload()
+    table.check("alice", f"Bearer {token}")
+    assert main(["token", "list", "--store", store]) == 0 and capsys.readouterr().out.split() == ["alice"]
+    assert main(["token", "revoke", "--store", store, "--person", "alice"]) == 0
+    assert main(["token", "revoke", "--store", store, "--person", "alice"]) == 1
+    table.reload()
+    with pytest.raises(AuthError):
+        table.check("alice", f"Bearer {token}")
+    assert main(["token", "add", "--store", store]) == 2 and "needs --person" in capsys.readouterr().err
 
 
 def test_temporaries_of_killed_writers_are_swept_and_live_ones_kept(tmp_path, base):

@@ -1,5 +1,5 @@
-"""A node writes only its own person: the operator's bindings file, first-claim binding, and the CLI that edits
-the file (fast; the deployment test in tests/e2e/test_flower.py runs the same rule between real SuperNodes)."""
+"""A node writes only its own person: the operator's bindings file, first-claim binding, and `posettp node` that
+edits the file (fast; the deployment test in tests/e2e/test_flower.py runs the same rule between real SuperNodes)."""
 from __future__ import annotations
 
 import json
@@ -7,15 +7,16 @@ import json
 import pytest
 
 from server.fl import handle_reply
-from server.nodes import NodeBindings, default_bindings_url, main as nodes_cli, read_bindings
+from posettp.cli import main as posettp
+from server.nodes import NodeBindings, default_bindings_url, read_bindings
 from tests.test_fl_validation import (base, ck, ck_url, encode, honest_delta, reply, store,  # noqa: F401 (fixtures)
                                       task_identity)
 
 
 def test_operator_bindings_refuse_other_persons_and_unbound_nodes(ck, store, tmp_path):  # noqa: F811
     url = str(tmp_path / "nodes.json")
-    assert nodes_cli(["bind", "--store", "unused", "--file", url, "--node", "11", "--person", "alice"]) == 0
-    assert nodes_cli(["bind", "--store", "unused", "--file", url, "--node", "22", "--person", "bob"]) == 0
+    assert posettp(["node", "bind", "--store", "unused", "--file", url, "--node", "11", "--person", "alice"]) == 0
+    assert posettp(["node", "bind", "--store", "unused", "--file", url, "--node", "22", "--person", "bob"]) == 0
     bindings = NodeBindings.for_run(url, store.url)
     assert bindings.mode == "operator" and read_bindings(url) == {11: "alice", 22: "bob"}
 
@@ -47,7 +48,7 @@ def test_first_claim_binds_a_person_to_one_node_for_the_run(ck, store):  # noqa:
 
 def test_the_store_default_file_is_used_when_present_and_a_named_file_must_exist(store, tmp_path):  # noqa: F811
     assert NodeBindings.for_run("", store.url).mode == "first-claim"
-    assert nodes_cli(["bind", "--store", store.url, "--node", "5", "--person", "carol"]) == 0
+    assert posettp(["node", "bind", "--store", store.url, "--node", "5", "--person", "carol"]) == 0
     bindings = NodeBindings.for_run("", store.url)
     assert bindings.mode == "operator" and bindings.source == default_bindings_url(store.url)
     with pytest.raises(FileNotFoundError):
@@ -65,11 +66,11 @@ def test_a_malformed_bindings_file_is_an_error_not_an_open_door(tmp_path, body):
 
 def test_cli_refuses_a_bad_person_id_and_reports_unbinding(tmp_path, capsys):
     url = str(tmp_path / "nodes.json")
-    assert nodes_cli(["bind", "--store", "x", "--file", url, "--node", "1", "--person", "a/b"]) == 2
+    assert posettp(["node", "bind", "--store", "x", "--file", url, "--node", "1", "--person", "a/b"]) == 2
     assert "invalid person id" in capsys.readouterr().err
-    assert nodes_cli(["unbind", "--store", "x", "--file", url, "--node", "1"]) == 1
-    assert nodes_cli(["bind", "--store", "x", "--file", url, "--node", "1", "--person", "ab"]) == 0
-    assert nodes_cli(["unbind", "--store", "x", "--file", url, "--node", "1"]) == 0
+    assert posettp(["node", "unbind", "--store", "x", "--file", url, "--node", "1"]) == 1
+    assert posettp(["node", "bind", "--store", "x", "--file", url, "--node", "1", "--person", "ab"]) == 0
+    assert posettp(["node", "unbind", "--store", "x", "--file", url, "--node", "1"]) == 0
     capsys.readouterr()
-    assert nodes_cli(["list", "--store", "x", "--file", url]) == 0
+    assert posettp(["node", "list", "--store", "x", "--file", url]) == 0
     assert json.loads(capsys.readouterr().out) == {}

@@ -293,13 +293,13 @@ def secure_deployment(tmp_path, nodes: int):
 
 
 def register_and_bind(env: dict, certs: Path, store: Path, bindings: dict[str, str]) -> dict[str, int]:
-    """`flwr supernode register` each key, then bind the node id it prints to a person with `server.nodes`."""
+    """`flwr supernode register` each key, then bind the node id it prints to a person with `posettp node bind`."""
     ids = {}
     for key, person in bindings.items():
         res = flwr(["supernode", "register", str(certs / f"{key}.pub"), "deploy", "--format", "json"], env, timeout=60)
         assert res.returncode == 0, res.stdout + res.stderr
         ids[key] = int(json.loads(res.stdout[res.stdout.index("{"):])["node-id"])
-        bind = subprocess.run([str(VENV_BIN / "python"), "-m", "server.nodes", "bind", "--store", str(store),
+        bind = subprocess.run([str(VENV_BIN / "posettp"), "node", "bind", "--store", str(store),
                                "--node", str(ids[key]), "--person", person], cwd=REPO, capture_output=True, text=True)
         assert bind.returncode == 0, bind.stderr
     return ids
