@@ -5,7 +5,6 @@ policy, the one the Flower server and every reader of the store apply.
 """
 from __future__ import annotations
 
-import json
 import logging
 
 from core.frames import load_person_frames
@@ -54,5 +53,5 @@ def main(args) -> int:
         print(f"wrote delta {args.out} ({len(data):,} bytes)")
     if args.overlay:
         print(f"wrote overlay {write_overlay(frames, result.predictions, args.overlay)}")
-    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}))
+    print(io.json_text({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}, indent=None))
     return 0

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import math
 import os
 import time
 import uuid
@@ -105,3 +107,20 @@ def ensure_writable(url: str) -> None:
         fs.rm(path)
     except Exception as exc:  # any backend error means the same thing to the user
         raise PermissionError(f"storage {url} is not writable: {exc}") from exc
+
+
+def _standard(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _standard(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_standard(v) for v in value]
+    return value
+
+
+def json_text(value, indent: int | None = 2) -> str:
+    """Standard JSON for what users and other tools read: NaN and ±Inf become null (`json.dumps` writes `NaN`,
+    which strict parsers refuse); numpy and torch scalars become numbers, anything else its str()."""
+    plain = json.loads(json.dumps(value, default=lambda o: o.item() if hasattr(o, "item") else str(o)))
+    return json.dumps(_standard(plain), indent=indent, allow_nan=False)

@@ -14,6 +14,7 @@ from core.checkpoints import model_with_loss, with_weights
 from core.crops import prepare_frame
 from core.frames import labeled_person_frames
 from core.scoring import evaluate_person, per_frame_pck, score
+from model import io
 from model.checkpoint import load_checkpoint
 from model.delta import apply_delta
 from model.heatmaps import DECODERS, heatmap_to_image
@@ -182,7 +183,7 @@ def write_report(out: Path, checkpoint: str, data: str, served: dict, fl: dict, 
     lines += ["", "## Where the time went", ""] + [f"- {k}: {v:.0f} s" for k, v in timings.items()]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    (out / "report.json").write_text(json.dumps({"persons": rows, "mean": mean, "timings": timings,
-                                                 "http_vs_evaluate_max_diff": mismatch}, indent=2))
+    (out / "report.json").write_text(io.json_text({"persons": rows, "mean": mean, "timings": timings,
+                                                   "http_vs_evaluate_max_diff": mismatch}))
     print("\n".join(lines[6:8 + len(rows) + 1]))
     return str(report)

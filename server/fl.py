@@ -19,7 +19,6 @@ memory, checkpoint bytes) is written to `{storage}/fl-runs/run-{run_id}.json`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -274,7 +273,7 @@ def evaluate_held_out(old: Checkpoint, new: Checkpoint, url: str, exclude: set, 
 
 def write_summary(storage: str, run_id: int, summary: dict) -> str:
     url = io.join(storage, "fl-runs", f"run-{run_id}.json")
-    io.write_bytes_atomic(url, json.dumps(summary, indent=2, default=str).encode())
+    io.write_bytes_atomic(url, io.json_text(summary).encode())
     return url
 
 

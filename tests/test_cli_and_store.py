@@ -204,3 +204,16 @@ def test_temporaries_of_killed_writers_are_swept_and_live_ones_kept(tmp_path, ba
     DeltaStore(str(tmp_path), info).file_delta("alice", make_delta(model))
     assert not stale.exists() and live.exists()
     assert [p.suffix for p in deltas.iterdir() if p != live] == [".safetensors"]  # the delta itself, filed
+
+
+def test_json_outputs_are_standard_json():
+    """NaN and Inf (a person without labelled frames, an empty mean) become null; numpy scalars become numbers."""
+    import numpy as np
+
+    from model.io import json_text
+
+    def strict(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    text = json_text({"pck@0.2": float("nan"), "rows": [np.float32(0.5), np.int64(3), float("-inf")]})
+    assert json.loads(text, parse_constant=strict) == {"pck@0.2": None, "rows": [0.5, 3, None]}

@@ -3,7 +3,6 @@ or with each person's latest stored delta.
 """
 from __future__ import annotations
 
-import json
 import logging
 
 from tqdm import tqdm
@@ -12,6 +11,7 @@ from core.checkpoints import model_with_loss, with_weights
 from core.frames import labeled_person_frames
 from core.scoring import evaluate_person, headline_metric, metric_keys, summarize
 from data.shards import read_manifest
+from model import io
 from model.checkpoint import load_checkpoint
 from model.config import apply_overrides
 from model.delta import DeltaRejected, apply_delta
@@ -61,5 +61,5 @@ def main(args) -> int:
           + f"   ({len(rows)} persons, scenario {args.scenario})")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump(report, f, indent=2, default=float)
+            f.write(io.json_text(report))
     return 0

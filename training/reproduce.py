@@ -28,6 +28,7 @@ from core.checkpoints import model_with_loss
 from core.frames import labeled_person_frames
 from core.scoring import evaluate_person, per_frame_pck, score
 from data.shards import load_frames
+from model import io
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import VARIANTS, Config, apply_overrides, from_dict, load_config
 from model.device import pick_device
@@ -462,6 +463,6 @@ def main(args) -> int:
     print(result["markdown"])
     print(f"\n{args.experiment}: {result['wall_seconds'] / 60:.1f} min wall; outputs in {out}")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(result, indent=2, default=float))
-    (out / f"{args.experiment}.json").write_text(json.dumps(result, indent=2, default=float))
+        Path(args.json_out).write_text(io.json_text(result))
+    (out / f"{args.experiment}.json").write_text(io.json_text(result))
     return 0
