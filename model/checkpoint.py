@@ -59,7 +59,23 @@ def save_checkpoint(url: str, model: PoseTTPNet, cfg: Config, step: int = 0, met
     return sha
 
 
+def checkpoint_url(url: str) -> str:
+    """A checkpoint directory as given, or the final checkpoint a training run directory's `latest.json` names, so
+    that a run directory works wherever a checkpoint does."""
+    latest = io.join(url, "latest.json")
+    if io.exists(io.join(url, WEIGHTS)) or not io.exists(latest):
+        return url
+    try:
+        named = json.loads(io.read_bytes(latest)).get("checkpoint")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{latest}: not a run's latest.json ({exc})") from exc
+    if not isinstance(named, str):
+        raise CheckpointError(f"{latest} names no checkpoint")
+    return named
+
+
 def load_checkpoint(url: str, map_location: str = "cpu", overrides: Config | None = None) -> Checkpoint:
+    url = checkpoint_url(url)
     try:
         meta = json.loads(io.read_bytes(io.join(url, META)))
         weights = io.read_bytes(io.join(url, WEIGHTS))

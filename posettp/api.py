@@ -103,7 +103,7 @@ class PoseEstimator:
         if not images:
             return []
         size = self.checkpoint.config.model.image_size
-        crops, matrices = zip(*(prepare_crop(im, full_image_bbox(im.shape[1], im.shape[0]) if box is None else box,
+        crops, matrices = zip(*(prepare_crop(im, full_image_bbox(im.shape[1], im.shape[0]),
                                              size) for im, box in zip(images, boxes)))
         pred = predict_crops(self.net, torch.from_numpy(np.stack(crops)), np.stack(matrices))
         return [keypoints_json(p, self.joint_names) for p in pred]
@@ -129,7 +129,7 @@ class PoseEstimator:
         elif not isinstance(delta, bytes):
             delta = io.read_bytes(os.fspath(delta))
         tensors, meta = DeltaPolicy.for_checkpoint(self.checkpoint).check(delta)
-        return PoseEstimator(self.checkpoint, self.device, tensors, meta)
+        return PoseEstimator(self.checkpoint, self.device, None, meta)
 
 
 def read_image(image) -> np.ndarray:

@@ -56,7 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.crops import prepare_crop
 from core.local_ray import init_local_ray, loopback_grpc_servers
 from model import io
-from model.checkpoint import META, load_checkpoint
+from model.checkpoint import META, checkpoint_url, load_checkpoint
 from model.config import config_path, from_dict, setting, settings_from_mapping
 from model.delta import DEFAULT_NORM_BOUND, DeltaRejected, apply_delta
 from model.network import PoseTTPNet
@@ -117,6 +117,7 @@ class ServeSettings:
         """Typed settings from a config `args` mapping (values may be strings, as `serve run k=v` gives)."""
         s = settings_from_mapping(cls, args, what="serve setting")
         s.checkpoint = _resolve_url(os.path.expandvars(s.checkpoint) or os.environ.get("POSETTP_CHECKPOINT", ""))
+        s.checkpoint = checkpoint_url(s.checkpoint) if s.checkpoint else s.checkpoint
         s.store = _resolve_url(os.path.expandvars(s.store) or os.environ.get("POSETTP_STORE", ""))
         s.tokens = _resolve_url(os.path.expandvars(s.tokens))
         for name, value in (("checkpoint", s.checkpoint), ("store", s.store)):

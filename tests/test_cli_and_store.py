@@ -217,3 +217,16 @@ def test_json_outputs_are_standard_json():
 
     text = json_text({"pck@0.2": float("nan"), "rows": [np.float32(0.5), np.int64(3), float("-inf")]})
     assert json.loads(text, parse_constant=strict) == {"pck@0.2": None, "rows": [0.5, 3, None]}
+
+
+def test_a_run_directory_works_wherever_a_checkpoint_does(tmp_path):
+    from model.checkpoint import CheckpointError, load_checkpoint
+    from tests.fixtures_flower import make_checkpoint
+
+    run = tmp_path / "runs" / "synth_small"
+    make_checkpoint(str(run / "checkpoint_0000004"))
+    (run / "latest.json").write_text(json.dumps({"checkpoint": str(run / "checkpoint_0000004"), "step": 4}))
+    assert load_checkpoint(str(run)).sha256 == load_checkpoint(str(run / "checkpoint_0000004")).sha256
+    (run / "latest.json").write_text(json.dumps({"step": 4}))
+    with pytest.raises(CheckpointError, match="names no checkpoint"):
+        load_checkpoint(str(run))
