@@ -23,7 +23,7 @@ from core.frames import FramesUnavailable, load_person_frames
 from data.shards import list_persons
 from store.protocol import BaseMismatch, blob_record, checkpoint_from_records, metric_record
 
-from .ttp_job import peak_rss_mb, run_ttp
+from .ttp_job import kept_base_reason, peak_rss_mb, run_ttp
 
 log = logging.getLogger("posettp.client")
 
@@ -100,9 +100,8 @@ def train(msg: Message, context: Context) -> Message:
         metrics["seconds"] = time.perf_counter() - t0
         metrics["peak_rss_mb"] = peak_rss_mb()
         if metrics["delta_tensors"] == 0:
-            return _reply(msg, "unchanged",
-                          "TTP left the encoder and self head unchanged (a safeguard kept the base weights)",
-                          person, sha, metrics)
+            return _reply(msg, "unchanged", f"TTP kept the base weights ({kept_base_reason(metrics)})", person, sha,
+                          metrics)
         return _reply(msg, "ok", "", person, sha, metrics, data)
     except (NodeDataError, BaseMismatch) as exc:
         log.error("node %s person %r: %s", context.node_id, person, exc)

@@ -5,7 +5,7 @@ policy, the one the Flower server and every reader of the store apply.
 """
 from __future__ import annotations
 
-import logging
+from tqdm import tqdm
 
 from core.frames import load_person_frames
 from model import io
@@ -15,9 +15,7 @@ from store.deltas import DeltaStore
 from store.policy import DeltaPolicy, check_person_id
 
 from .overlay import write_overlay
-from .ttp_job import run_ttp
-
-log = logging.getLogger(__name__)
+from .ttp_job import kept_base_reason, run_ttp
 
 
 def person_frames(args, num_joints: int) -> tuple[str, list]:
@@ -32,7 +30,12 @@ def person_frames(args, num_joints: int) -> tuple[str, list]:
     return person, load_person_frames(args.video, person, num_joints, "video")
 
 
+KEPT_BASE = 3  # exit status when a safeguard kept the base weights (no delta written or filed)
+
+
 def main(args) -> int:
+    """Exit 0 with a delta written or filed, KEPT_BASE when a safeguard kept the base weights (each safeguard and
+    its measured reason printed, and in the --json summary); bad input is refused before any work (exit 2)."""
     ck = load_checkpoint(args.checkpoint)
     cfg = apply_overrides(ck.config, args.overrides)
     person, frames = person_frames(args, cfg.model.num_joints)
@@ -41,17 +44,36 @@ def main(args) -> int:
     if store:
         io.ensure_writable(args.store)
     dtype = args.dtype or "int8"
-    data, metrics, result = run_ttp(ck, frames, args.scenario, cfg.ttp, cfg.ttp.seed, person, dtype,
-                                   args.device)
+    unit = "step" if args.scenario == "offline" else "frame"
+    with tqdm(total=cfg.ttp.steps if args.scenario == "offline" else len(frames), unit=unit,
+              desc=f"personalize {person} ({args.scenario})", disable=None) as bar:
+        def progress(done: int, total: int, loss: float) -> None:
+            bar.update(done - bar.n)
+            bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+
+        data, metrics, result = run_ttp(ck, frames, args.scenario, cfg.ttp, cfg.ttp.seed, person, dtype,
+                                       args.device, on_progress=progress)
+    summary = {"person_id": person, "scenario": args.scenario, "outcome": "delta", **metrics}
+    print(f"{person}: {metrics['frames']} frames, {metrics['steps']} updates in {metrics['ttp_seconds']:.1f} s "
+          f"({metrics['frames'] / max(metrics['ttp_seconds'], 1e-9):.1f} frames/s), self-supervised loss "
+          f"{metrics['loss_before']:.4g} -> {metrics['loss_after']:.4g}")
+    for event in metrics["safeguards"]:
+        print(f"  {event['safeguard']} after {event['after_updates']} updates: {event['reason']} "
+              f"(kept {event['kept']})")
     if metrics["delta_tensors"] == 0:
-        print(f"TTP kept the base weights for {person} ({metrics['guard_events']} safeguard events): no delta to file")
+        summary["outcome"] = "kept_base"
+        summary["reason"] = kept_base_reason(metrics)
+        print(f"TTP kept the base weights for {person}: no delta written")
     elif store:
         record = store.file_delta(person, data)
+        summary["delta"] = {"store": args.store, "version": record["version"], "bytes": record["bytes"]}
         print(f"filed delta for {person}: version {record['version']} ({record['bytes']:,} bytes) in {args.store}")
     else:
         io.write_bytes_atomic(args.out, data)
+        summary["delta"] = {"path": args.out, "bytes": len(data)}
         print(f"wrote delta {args.out} ({len(data):,} bytes)")
     if args.overlay:
         print(f"wrote overlay {write_overlay(frames, result.predictions, args.overlay)}")
-    print(io.json_text({k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}, indent=None))
-    return 0
+    if args.json_out:
+        io.write_bytes_atomic(args.json_out, io.json_text(summary).encode())
+    return KEPT_BASE if summary["outcome"] == "kept_base" else 0

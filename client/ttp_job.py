@@ -28,14 +28,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def kept_base_reason(metrics: dict) -> str:
+    """Why a run left the base weights unchanged (each safeguard with its measured reason); "" when it made a
+    delta."""
+    if metrics["delta_tensors"]:
+        return ""
+    return ("; ".join(f"{e['safeguard']} after {e['after_updates']} updates: {e['reason']}" for e in metrics["safeguards"])
+            or f"{metrics['steps']} updates left the encoder and self head unchanged")
+
+
 def run_ttp(checkpoint: Checkpoint, frames: list, scenario: str, cfg_ttp: TTPConfig, seed: int,
-            person_id: str, dtype: str, device: str | None = None) -> tuple[bytes, dict, TTPResult]:
+            person_id: str, dtype: str, device: str | None = None, on_progress=None) -> tuple[bytes, dict, TTPResult]:
     """Personalize the checkpoint's model on one person's frames.
 
     Returns (delta bytes, metrics, TTPResult). The delta is `model.delta`'s safetensors
     encoding (encoder.* / self_head.* changes only, base sha256 of `checkpoint.sha256`); it holds no tensors
     when nothing changed (e.g. the guard rolled back to the base), which `metrics["delta_tensors"] == 0` says.
-    The checkpoint's model is not modified.
+    The checkpoint's model is not modified. `on_progress(done, total, loss)`: see `model.personalize`; metrics
+    carry `safeguards`, each safeguard event with its measured reason.
     """
     if not frames:
         raise ValueError(f"person {person_id!r}: no frames to personalize on")
@@ -45,7 +55,7 @@ def run_ttp(checkpoint: Checkpoint, frames: list, scenario: str, cfg_ttp: TTPCon
     model, recon = model_with_loss(checkpoint, dev)
     crops, matrices, groups = prepare_frames(frames, checkpoint.config.model.image_size)
     result = personalize(model, recon, crops.to(dev), matrices, groups, cfg_ttp, scenario, seed,
-                         augment=Augmentation.from_data(checkpoint.config.data))
+                         augment=Augmentation.from_data(checkpoint.config.data), on_progress=on_progress)
     checkpoint.model.to("cpu")  # the caller's checkpoint back where it was; both are no-ops on the CPU
     result.state = {k: v.cpu() for k, v in result.state.items()}
     keys = deltable_keys(base_state, {n for n, _ in checkpoint.model.named_parameters()})
@@ -57,7 +67,7 @@ def run_ttp(checkpoint: Checkpoint, frames: list, scenario: str, cfg_ttp: TTPCon
     metrics = {
         "scenario": scenario, "frames": int(m["frames"]), "steps": int(m["steps"]),
         "loss_before": float(m["loss_before"]), "loss_after": float(m["loss_after"]),
-        "guard_events": int(m["guard_events"]), "ttp_seconds": float(m["seconds"]),
+        "guard_events": int(m["guard_events"]), "safeguards": m["safeguards"], "ttp_seconds": float(m["seconds"]),
         "seconds": time.perf_counter() - t0, "delta_bytes": len(data), "delta_tensors": len(delta),
         "delta_dtype": dtype, "device": dev.type, "peak_rss_mb": peak_rss_mb(),
     }

@@ -17,7 +17,16 @@ from .shards import Frame
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 
 
-def _frame(image_rgb: np.ndarray, person_id: str, video_id: str, index: int, num_joints: int):
+def read_image(path) -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"{path}: not a readable image")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def unlabeled_frame(image_rgb: np.ndarray, person_id: str, video_id: str, index: int, num_joints: int):
+    """A frame without labels, the whole image as the person's box (what a device has of its user)."""
     h, w = image_rgb.shape[:2]
     return Frame(person_id=person_id, video_id=video_id, frame=index, image=image_rgb,
                  keypoints=np.zeros((num_joints, 3), np.float32),
@@ -33,10 +42,7 @@ def load_folder(path: str, person_id: str = "me", num_joints: int = 13) -> list:
         raise ValueError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     frames = []
     for i, f in enumerate(files):
-        bgr = cv2.imread(str(f), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ValueError(f"{f}: not a readable image")
-        frames.append(_frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), person_id, folder.name, i, num_joints))
+        frames.append(unlabeled_frame(read_image(f), person_id, folder.name, i, num_joints))
     return frames
 
 
@@ -50,8 +56,8 @@ def load_video(path: str, person_id: str = "me", num_joints: int = 13, max_frame
             ok, bgr = cap.read()
             if not ok:
                 break
-            frames.append(_frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), person_id, Path(path).stem, len(frames),
-                                 num_joints))
+            frames.append(unlabeled_frame(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), person_id, Path(path).stem,
+                                          len(frames), num_joints))
     finally:
         cap.release()
     if not frames:

@@ -143,6 +143,8 @@ class _Adapter:
         self.seed = seed
         self.rotations = torch.Generator().manual_seed(seed)  # the update steps' draws (rotation variant)
         self.guard_events = 0
+        self.safeguards: list[dict] = []  # each event: which safeguard, after how many updates, the measured reason
+        self.updates = 0
         self.pose_signal: float | None = None
         self.stopped = False
         self.good_state: dict[str, torch.Tensor] | None = None
@@ -181,10 +183,11 @@ class _Adapter:
         with autocast(self.device, self.cfg.amp):
             loss = self.loss(*self._laid_out((target, source)))
         if not torch.isfinite(loss):
-            self._rollback()
+            self._rollback("collapse guard", f"the self-supervised loss is {float(loss)}")
             return float("nan")
         loss.backward()
         self.optimizer.step()
+        self.updates += 1
         if self.cfg.drift_steps:
             self._project()
         return float(loss.detach())
@@ -225,6 +228,10 @@ class _Adapter:
         self.pose_signal = pose_signal(self.base, self.recon_loss, *probe_batch)[1]
         if self.pose_signal < self.cfg.min_pose_signal:
             self.guard_events += 1
+            self.safeguards.append({"safeguard": "pose-signal check", "after_updates": self.updates, "kept": "base",
+                                    "reason": f"pose signal {self.pose_signal:.3f} < ttp.min_pose_signal "
+                                              f"{self.cfg.min_pose_signal:g}: the reconstruction hardly depends on "
+                                              f"where the keypoints are"})
             self.stopped = True
         return not self.stopped
 
@@ -245,14 +252,20 @@ class _Adapter:
         reference, base_confidence = self.reference
         diverged = not math.isfinite(value) or value > self.cfg.guard_ratio * reference
         less_sure = bool(self.cfg.guard_confidence) and confidence < self.cfg.guard_confidence * base_confidence
-        if diverged or less_sure:
-            self._rollback()
+        if diverged:
+            self._rollback("collapse guard", f"self-supervised loss {value:.4g} > ttp.guard_ratio "
+                                             f"{self.cfg.guard_ratio:g} x the base's {reference:.4g}")
+        elif less_sure:
+            self._rollback("collapse guard", f"heatmap confidence {confidence:.3g} < ttp.guard_confidence "
+                                             f"{self.cfg.guard_confidence:g} x the base's {base_confidence:.3g}")
         else:
             self.good_state = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def _rollback(self) -> None:
+    def _rollback(self, safeguard: str, reason: str) -> None:
         """Restore the last weights that passed the guard (else the base) and stop adapting this person."""
         self.guard_events += 1
+        self.safeguards.append({"safeguard": safeguard, "after_updates": self.updates, "reason": reason,
+                                "kept": "the last weights that passed" if self.good_state is not None else "base"})
         if self.good_state is not None:
             state = self.model.state_dict()
             for n, v in self.good_state.items():
@@ -299,16 +312,20 @@ def probe_pairs(crops: torch.Tensor, groups: np.ndarray, limit: int, batch_size:
 
 def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops: torch.Tensor,
                 matrices: np.ndarray, groups: np.ndarray, cfg: TTPConfig, scenario: str,
-                seed: int = 0, on_frame=None, augment: Augmentation = Augmentation()) -> TTPResult:
+                seed: int = 0, on_frame=None, augment: Augmentation = Augmentation(), on_progress=None) -> TTPResult:
     """Personalize on one person's crops (N, 3, S, S) with their crop affines and video ids (groups).
 
-    `on_frame(t, prediction)` is called after each online prediction (for curves/overlays). `augment` is the pairs'
-    rotation/scale, `Augmentation.from_data(cfg.data)` of the model's config (the default is `data.*`'s defaults).
+    `on_frame(t, prediction)` is called after each online prediction (for curves/overlays); `on_progress(done,
+    total, loss)` after each offline step and each online frame. `augment` is the pairs' rotation/scale,
+    `Augmentation.from_data(cfg.data)` of the model's config (the default is `data.*`'s defaults).
     """
     if scenario not in ("online", "offline"):
         raise ValueError(f"scenario must be online or offline, got {scenario!r}")
     if model.variant == "baseline":
         raise ValueError("the baseline variant has no self-supervised task to personalize with")
+    if scenario == "online" and cfg.min_pose_signal and model.has_reconstruction and len(crops) < cfg.signal_frames:
+        raise ValueError(f"online TTP adapts only once ttp.signal_frames={cfg.signal_frames} frames are in (the "
+                         f"pose-signal check needs them); this clip has {len(crops)}")
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     groups = np.asarray(groups)
@@ -333,6 +350,8 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
             losses.append(adapter.step(*pairs(_draw(np.arange(n), bs, gen), n, gen)))
             if cfg.guard and (step + 1) % cfg.guard_window == 0:
                 adapter.check()
+            if on_progress is not None:
+                on_progress(step + 1, cfg.steps, losses[-1])
         predictions = predict_crops(adapter.standard_layout(), crops, matrices)
     else:
         predictions = np.zeros((n, model.cfg.num_joints, 3), np.float32)
@@ -353,6 +372,8 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
             predictions[t] = predict_crops(adapter.model, crops[t:t + 1], matrices[t:t + 1])[0]
             if on_frame is not None:
                 on_frame(t, predictions[t])
+            if on_progress is not None:
+                on_progress(t + 1, n, losses[-1] if losses else float("nan"))
         probe_batch = probe(n)  # for the report only, after every prediction is made
         adapter.standard_layout()
     finite = [x for x in losses if math.isfinite(x)]
@@ -360,7 +381,8 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
         "scenario": scenario, "frames": int(n), "steps": len(losses),
         "loss_before": adapter.measure(probe_batch, adapter.base)[0], "loss_after": adapter.measure(probe_batch)[0],
         "loss_first": finite[0] if finite else float("nan"), "loss_last": finite[-1] if finite else float("nan"),
-        "guard_events": adapter.guard_events, "pose_signal": adapter.pose_signal, "seconds": time.perf_counter() - t0,
+        "guard_events": adapter.guard_events, "safeguards": adapter.safeguards, "pose_signal": adapter.pose_signal,
+        "seconds": time.perf_counter() - t0,
     }
     state = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()}
     return TTPResult(predictions=predictions, state=state, metrics=metrics)

@@ -84,6 +84,16 @@ def to_tensor_layout(image_rgb_u8: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image_rgb_u8.transpose(2, 0, 1), dtype=np.float32) / 255.0
 
 
+def joint_names(num_joints: int) -> tuple[str, ...]:
+    """The names keypoints are reported under (HTTP API, Python API): Penn Action's 13, else joint_0.."""
+    return PENN_JOINTS if num_joints == len(PENN_JOINTS) else tuple(f"joint_{i}" for i in range(num_joints))
+
+
+def keypoints_json(pred: np.ndarray, names) -> list[dict]:
+    """(J, 3) [x, y, score] as `[{"name", "x", "y", "score"}, ...]`."""
+    return [{"name": n, "x": float(x), "y": float(y), "score": float(s)} for n, (x, y, s) in zip(names, pred)]
+
+
 def full_image_bbox(width: int, height: int) -> tuple[float, float, float, float]:
     """Box used when no person box is known: the whole image, undoing the padding."""
     side = max(width, height) / BOX_PADDING

@@ -11,26 +11,24 @@ A thin layer over what the CLI, Flower and Serve already run, so a notebook gets
 from __future__ import annotations
 
 import copy
-import json
 import os
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 
-from client.ttp_job import run_ttp
+from client.ttp_job import kept_base_reason, run_ttp
 from core.checkpoints import with_weights
 from core.crops import prepare_crop
 from data.shards import Frame
-from data.sources import _frame as unlabeled_frame
+from data.sources import read_image, unlabeled_frame
 from model import io
-from model.checkpoint import META, Checkpoint, load_checkpoint
-from model.config import TTPConfig, apply_overrides
+from model.checkpoint import Checkpoint, load_checkpoint
+from model.config import apply_overrides
 from model.delta import apply_delta
 from model.device import pick_device
 from model.predict import predict_crops
-from model.transforms import PENN_JOINTS, full_image_bbox
+from model.transforms import full_image_bbox, joint_names, keypoints_json
 from store.policy import DeltaPolicy
 
 
@@ -38,16 +36,7 @@ def load(checkpoint: str | os.PathLike, device: str = "auto") -> "PoseEstimator"
     """The model of a checkpoint directory (or of a training run directory, through its `latest.json`);
     `device`: "auto" (CUDA when there is a GPU), "cpu", "cuda" or "cuda:N"."""
     # the checkpoint stays on the CPU: run_ttp and the delta policy use it there; predictions run on `device`
-    return PoseEstimator(load_checkpoint(resolve_checkpoint(os.fspath(checkpoint))), pick_device(device))
-
-
-def resolve_checkpoint(url: str) -> str:
-    """A checkpoint directory as is; a run directory -> the checkpoint its latest.json names (the last one written,
-    which training writes under "checkpoint"; "best" is not used)."""
-    latest = io.join(url, "latest.json")
-    if io.exists(io.join(url, META)) or not io.exists(latest):
-        return url
-    return json.loads(io.read_bytes(latest))["checkpoint"]
+    return PoseEstimator(load_checkpoint(os.fspath(checkpoint)), pick_device(device))
 
 
 @dataclass(frozen=True)
@@ -96,14 +85,14 @@ class PoseEstimator:
         """Per image, its J keypoints `{"name", "x", "y", "score"}` in the image's pixels (as the HTTP API
         answers). `images`: HxWx3 uint8 RGB arrays or image file paths; `boxes`: one (x, y, w, h) person box
         (or None) per image, None = the whole image."""
-        images = [read_image(im) for im in images]
+        images = [as_image(im) for im in images]
         boxes = [None] * len(images) if boxes is None else list(boxes)
         if len(boxes) != len(images):
             raise ValueError(f"{len(boxes)} boxes for {len(images)} images")
         if not images:
             return []
         size = self.checkpoint.config.model.image_size
-        crops, matrices = zip(*(prepare_crop(im, full_image_bbox(im.shape[1], im.shape[0]),
+        crops, matrices = zip(*(prepare_crop(im, full_image_bbox(im.shape[1], im.shape[0]) if box is None else box,
                                              size) for im, box in zip(images, boxes)))
         pred = predict_crops(self.net, torch.from_numpy(np.stack(crops)), np.stack(matrices))
         return [keypoints_json(p, self.joint_names) for p in pred]
@@ -114,12 +103,12 @@ class PoseEstimator:
         Frame objects) from the base checkpoint. `ttp`: TTP settings over the checkpoint's (`ttp.*` of the
         config, e.g. steps=30, batch_size=4, seed=1; `python -m posettp.settings_doc` lists them)."""
         cfg = apply_overrides(copy.deepcopy(self.checkpoint.config), [f"ttp.{k}={v}" for k, v in ttp.items()])
-        frames = [f if isinstance(f, Frame) else unlabeled_frame(read_image(f), person_id, "images", i,
+        frames = [f if isinstance(f, Frame) else unlabeled_frame(as_image(f), person_id, "images", i,
                                                                  cfg.model.num_joints) for i, f in enumerate(frames)]
-        data, m, result = run_ttp(self.checkpoint, frames, scenario, cfg.ttp, cfg.ttp.seed, person_id, dtype,
-                                  str(self.device))
+        data, m, _ = run_ttp(self.checkpoint, frames, scenario, cfg.ttp, cfg.ttp.seed, person_id, dtype,
+                             str(self.device))
         return Delta(data, scenario, m["frames"], m["steps"], m["guard_events"], m["loss_before"], m["loss_after"],
-                     kept_base_reason(m, result.metrics.get("pose_signal"), cfg.ttp), m)
+                     kept_base_reason(m), m)
 
     def with_delta(self, delta: Delta | bytes | str | os.PathLike) -> "PoseEstimator":
         """A new model: the base checkpoint plus `delta` (a Delta, its bytes, or a file path / URL), checked by the
@@ -129,38 +118,14 @@ class PoseEstimator:
         elif not isinstance(delta, bytes):
             delta = io.read_bytes(os.fspath(delta))
         tensors, meta = DeltaPolicy.for_checkpoint(self.checkpoint).check(delta)
-        return PoseEstimator(self.checkpoint, self.device, None, meta)
+        return PoseEstimator(self.checkpoint, self.device, tensors, meta)
 
 
-def read_image(image) -> np.ndarray:
-    """An HxWx3 uint8 RGB array as is; a path read like `data.sources` reads an image folder (OpenCV, BGR -> RGB)."""
+def as_image(image) -> np.ndarray:
+    """An HxWx3 uint8 RGB array as is; a path read like an image folder's frames."""
     if isinstance(image, (str, os.PathLike)):
-        bgr = cv2.imread(os.fspath(image), cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise ValueError(f"{os.fspath(image)}: not a readable image")
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return read_image(os.fspath(image))
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"an image must be an HxWx3 uint8 RGB array, got {image.dtype} {image.shape}")
     return image
-
-
-def kept_base_reason(metrics: dict, pose_signal: float | None, cfg: TTPConfig) -> str:
-    """Why a TTP run left the base weights unchanged ("" when it changed them)."""
-    if metrics["delta_tensors"]:
-        return ""
-    if pose_signal is not None and pose_signal < cfg.min_pose_signal:
-        return (f"the base model's pose signal {pose_signal:.4f} is below ttp.min_pose_signal="
-                f"{cfg.min_pose_signal:g}: no update was made")
-    if metrics["guard_events"]:
-        return f"the guard rolled back to the base weights ({metrics['guard_events']} safeguard events)"
-    return f"{metrics['steps']} update steps left the encoder and self head unchanged"
-
-
-# The HTTP API's naming (server/serve.py's joint_names and keypoints_json, which cannot be imported without Ray Serve)
-def joint_names(num_joints: int) -> tuple[str, ...]:
-    return PENN_JOINTS if num_joints == len(PENN_JOINTS) else tuple(f"joint_{i}" for i in range(num_joints))
-
-
-def keypoints_json(pred: np.ndarray, names) -> list[dict]:
-    return [{"name": n, "x": float(x), "y": float(y), "score": float(s)} for n, (x, y, s) in zip(names, pred)]

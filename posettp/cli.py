@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.set_defaults(target="training.joint:main_from_args")
 
-    p = sub.add_parser("personalize", help="TTP on one person, alone, no Flower")
+    p = sub.add_parser("personalize", help="TTP on one person, alone, no Flower (exit 3: a safeguard kept the base)")
     p.add_argument("--checkpoint", required=True)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", help="folder of frames (sorted by name)")
@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     dst.add_argument("--store", help="store URL: file the delta under persons/{id}/")
     p.add_argument("--dtype", default=None, choices=["fp32", "fp16", "int8"])
     p.add_argument("--overlay", help="write an overlay video/folder of the predictions")
+    p.add_argument("--json", dest="json_out", help="write the outcome (delta or kept_base, safeguards and their "
+                                                   "reasons, timings) as JSON")
     _device_arg(p)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(target="client.edge:main")

@@ -61,7 +61,7 @@ from model.config import config_path, from_dict, setting, settings_from_mapping
 from model.delta import DEFAULT_NORM_BOUND, DeltaRejected, apply_delta
 from model.network import PoseTTPNet
 from model.predict import predict_crops
-from model.transforms import PENN_JOINTS, flip_pairs_for, full_image_bbox
+from model.transforms import flip_pairs_for, full_image_bbox, joint_names, keypoints_json
 from server.auth import AuthError, TokenTable, default_tokens_url
 from store.deltas import DeltaStore
 from store.policy import DeltaPolicy, check_person_id
@@ -263,14 +263,6 @@ class DecodeBudget:
             async with self._changed:
                 self.used -= nbytes
                 self._changed.notify_all()
-
-
-def joint_names(num_joints: int) -> tuple[str, ...]:
-    return PENN_JOINTS if num_joints == len(PENN_JOINTS) else tuple(f"joint_{i}" for i in range(num_joints))
-
-
-def keypoints_json(pred: np.ndarray, names) -> list[dict]:
-    return [{"name": n, "x": float(x), "y": float(y), "score": float(s)} for n, (x, y, s) in zip(names, pred)]
 
 
 async def read_body(request: Request, limit: int) -> bytes:

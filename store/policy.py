@@ -47,7 +47,7 @@ class DeltaPolicy:
     def for_model(cls, model: torch.nn.Module, sha256: str, *, trust_region: float = math.inf,
                   max_bytes: int = 0, norm_bound: float = DEFAULT_NORM_BOUND) -> "DeltaPolicy":
         """`max_bytes` 0: the largest honest delta, every allowed tensor in fp32 plus header room."""
-        state = model.state_dict()
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}  # deltas are checked on the CPU
         allowed = set(deltable_keys(state, {n for n, _ in model.named_parameters()}))
         if not max_bytes:
             max_bytes = sum(state[k].numel() * 4 for k in allowed) + HEADER_ROOM + HEADER_ROOM_PER_TENSOR * len(allowed)

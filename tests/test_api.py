@@ -1,6 +1,7 @@
 """The Python API (`posettp.load`): predictions are the HTTP API's keypoints from `predict_crops`, a personalization
 is run_ttp's delta, and `with_delta` applies it under the store's delta policy."""
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -25,22 +26,9 @@ from tests.fixtures_flower import make_checkpoint, write_random_shards  # noqa: 
 
 TINY = {"steps": 4, "batch_size": 4, "guard": False, "min_pose_signal": 0}  # fixtures_flower.TINY_OVERRIDES
 
-# Copied into the README as is; the test substitutes the paths and the tiny TTP settings.
-README_EXAMPLE = '''\
-import glob
-import posettp
-
-model = posettp.load("runs/demo")                # a checkpoint directory, or a training run (its latest.json)
-poses = model.predict(["frame.jpg"])             # per image, per joint: {"name", "x", "y", "score"} in pixels
-print(poses[0][0])
-
-delta = model.personalize(sorted(glob.glob("me/*.jpg")), scenario="offline", steps=30)
-print(delta.steps, delta.guard_events, delta.size_bytes, delta.reason)
-delta.save("me.safetensors")                     # ValueError with delta.reason when TTP kept the base weights
-
-me = model.with_delta("me.safetensors")          # DeltaRejected when the delta fails the store's delta policy
-print(me.predict(["frame.jpg"])[0][0])
-'''
+# The README's example, run as written but for the paths and the tiny TTP settings
+README_EXAMPLE = re.search(r"```python\n(import glob, posettp\n.*?)```",
+                           (Path(__file__).resolve().parents[1] / "README.md").read_text(), re.S).group(1)
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +112,8 @@ def test_personalize_then_with_delta_is_base_plus_apply_delta(world, personalize
 def test_personalize_says_why_it_kept_the_base(world):
     delta = world["model"].personalize(world["frames"][:8], min_pose_signal=1e6)
     assert delta.kept_base and delta.steps == 0 and delta.guard_events == 1
-    assert "pose signal" in delta.reason and "min_pose_signal=1e+06" in delta.reason
-    with pytest.raises(ValueError, match="no delta to save: the base model's pose signal"):
+    assert "pose-signal check after 0 updates" in delta.reason and "ttp.min_pose_signal 1e+06" in delta.reason
+    with pytest.raises(ValueError, match="no delta to save: pose-signal check"):
         delta.save(world["root"] / "never.safetensors")
 
 

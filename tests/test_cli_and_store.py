@@ -230,3 +230,35 @@ def test_a_run_directory_works_wherever_a_checkpoint_does(tmp_path):
     (run / "latest.json").write_text(json.dumps({"step": 4}))
     with pytest.raises(CheckpointError, match="names no checkpoint"):
         load_checkpoint(str(run))
+
+
+def test_personalize_reports_what_it_did(tmp_path, capsys):
+    """A delta: exit 0, a summary line and a JSON outcome; a safeguard keeping the base: exit 3 with the safeguard
+    and its measured reason; an online clip shorter than the pose-signal warm-up: refused before any update."""
+    from posettp.cli import main
+    from tests.fixtures_flower import TINY_OVERRIDES, make_checkpoint, write_random_shards
+
+    make_checkpoint(str(tmp_path / "ck"))
+    write_random_shards(str(tmp_path / "shards"), persons=1, frames=4, size=64)  # 2 videos x 4 frames
+    base = ["personalize", "--checkpoint", str(tmp_path / "ck"), "--shards", str(tmp_path / "shards"), "--person",
+            "p000", "--scenario", "offline", *[a for o in TINY_OVERRIDES for a in ("--set", o)]]
+    assert main(base + ["--out", str(tmp_path / "d.safetensors"), "--json", str(tmp_path / "ok.json")]) == 0
+    ok = json.loads((tmp_path / "ok.json").read_text())
+    assert ok["outcome"] == "delta" and ok["delta"]["bytes"] == (tmp_path / "d.safetensors").stat().st_size
+    assert ok["steps"] == 4 and ok["safeguards"] == []
+    assert "p000: 8 frames, 4 updates" in capsys.readouterr().out
+
+    kept = base + ["--set", "ttp.min_pose_signal=1e6", "--out", str(tmp_path / "k.safetensors"), "--json",
+                   str(tmp_path / "kept.json")]
+    assert main(kept) == 3 and not (tmp_path / "k.safetensors").exists()
+    out = capsys.readouterr().out
+    assert "pose-signal check after 0 updates: pose signal" in out and "kept the base weights" in out
+    report = json.loads((tmp_path / "kept.json").read_text())
+    assert report["outcome"] == "kept_base" and report["safeguards"][0]["safeguard"] == "pose-signal check"
+    assert "ttp.min_pose_signal 1e+06" in report["reason"]
+
+    online = [a if a != "offline" else "online" for a in base] + ["--set", "ttp.min_pose_signal=1.02"]
+    assert main(online + ["--out", str(tmp_path / "o.safetensors")]) == 2  # the later --set wins
+    err = capsys.readouterr().err
+    assert "ttp.signal_frames=16 frames are in" in err and "this clip has 8" in err, err
+    assert not (tmp_path / "o.safetensors").exists()

@@ -107,7 +107,9 @@ def edge_personalize(world, monkeypatch, capsys) -> dict[str, str]:
     store = str(world["root"] / "edge")
     out = {}
     for case, data in world["deltas"].items():
-        monkeypatch.setattr(edge, "run_ttp", lambda *a, data=data, **k: (data, {"delta_tensors": 1}, None))
+        metrics = {"frames": 2, "steps": 4, "ttp_seconds": 0.1, "loss_before": 1.0, "loss_after": 0.9,
+                   "safeguards": [], "delta_tensors": 1}
+        monkeypatch.setattr(edge, "run_ttp", lambda *a, data=data, m=metrics, **k: (data, m, None))
         rc = cli(["personalize", "--checkpoint", world["ck_url"], "--shards", world["shards"], "--person",
                   world["person"][case], "--scenario", "offline", "--store", store])
         err = capsys.readouterr().err

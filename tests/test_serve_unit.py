@@ -13,11 +13,10 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.predict import predict_crops
-from model.transforms import PENN_JOINTS, full_image_bbox
+from model.transforms import PENN_JOINTS, full_image_bbox, keypoints_json
 from server import auth
-from server.serve import (ApiError, PersonModels, ServeSettings, build_app, decode_image, keypoints_json,
-                          parse_bbox, prepare_crop, read_body, read_serve_config, shallow_clone,
-                          validate_person_id)
+from server.serve import (ApiError, PersonModels, ServeSettings, build_app, decode_image, parse_bbox, prepare_crop,
+                          read_body, read_serve_config, shallow_clone, validate_person_id)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, also under plain `pytest`
 from tests.fixtures_serve import (land_delta, make_checkpoint, make_image, person_model,  # noqa: E402
                                   png_with_header, reference_keypoints)
