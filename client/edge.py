@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from tqdm import tqdm
 
+from core.crops import prepare_frames
 from core.frames import load_person_frames
 from model import io
 from model.checkpoint import load_checkpoint
 from model.config import apply_overrides
+from model.predict import predict_crops
 from store.deltas import DeltaStore
 from store.policy import DeltaPolicy, check_person_id
 
@@ -43,7 +45,6 @@ def main(args) -> int:
     store = DeltaStore(args.store, DeltaPolicy.for_checkpoint(ck)) if args.store else None
     if store:
         io.ensure_writable(args.store)
-    dtype = args.dtype or "int8"
     unit = "step" if args.scenario == "offline" else "frame"
     with tqdm(total=cfg.ttp.steps if args.scenario == "offline" else len(frames), unit=unit,
               desc=f"personalize {person} ({args.scenario})", disable=None) as bar:
@@ -51,7 +52,7 @@ def main(args) -> int:
             bar.update(done - bar.n)
             bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
 
-        data, metrics, result = run_ttp(ck, frames, args.scenario, cfg.ttp, cfg.ttp.seed, person, dtype,
+        data, metrics, result = run_ttp(ck, frames, args.scenario, cfg.ttp, cfg.ttp.seed, person, args.dtype,
                                        args.device, on_progress=progress)
     summary = {"person_id": person, "scenario": args.scenario, "outcome": "delta", **metrics}
     print(f"{person}: {metrics['frames']} frames, {metrics['steps']} updates in {metrics['ttp_seconds']:.1f} s "
@@ -73,7 +74,9 @@ def main(args) -> int:
         summary["delta"] = {"path": args.out, "bytes": len(data)}
         print(f"wrote delta {args.out} ({len(data):,} bytes)")
     if args.overlay:
-        print(f"wrote overlay {write_overlay(frames, result.predictions, args.overlay)}")
+        crops, matrices, _ = prepare_frames(frames, cfg.model.image_size)
+        base = predict_crops(ck.model, crops, matrices)
+        print(f"wrote overlay, base | personalized: {write_overlay(frames, result.predictions, args.overlay, base)}")
     if args.json_out:
         io.write_bytes_atomic(args.json_out, io.json_text(summary).encode())
     return KEPT_BASE if summary["outcome"] == "kept_base" else 0

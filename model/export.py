@@ -85,8 +85,22 @@ def _example(image_size: int, batch: int = 2) -> torch.Tensor:
     return torch.rand(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
 
 
-def _wrapped(model: nn.Module) -> nn.Module:
-    return model if isinstance(model, PosePath) else pose_path(model)
+def _wrapped(model: nn.Module, image_size: int) -> PosePath:
+    net = model if isinstance(model, PosePath) else pose_path(model)
+    if int(image_size) != net.image_size:  # the crop -> pixel scale is the model's: another size would be wrong
+        raise ValueError(f"image_size {image_size} is not the model's crop size {net.image_size} (model.image_size)")
+    return net.eval()
+
+
+def _quiet_tracing() -> None:
+    """Inside `warnings.catch_warnings()`: silence what tracing this module always says and never means here.
+
+    TracerWarnings come from shape checks in MultiheadAttention and the norms (static shapes: the crop size is
+    fixed, and the batch axis is traced, as the tests check at other batch sizes); TorchScript's own deprecation
+    notices (torch 2.13 still ships and supports `torch.jit.trace/save/load`).
+    """
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
 
 
 def export_torchscript(model: nn.Module, image_size: int, path: str | Path) -> Path:
@@ -94,9 +108,9 @@ def export_torchscript(model: nn.Module, image_size: int, path: str | Path) -> P
 
     Load with `torch.jit.load(path)`; call on any batch of (3, image_size, image_size) crops.
     """
-    net = _wrapped(model).eval()
+    net = _wrapped(model, image_size)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace.*is deprecated", category=Warning)
+        _quiet_tracing()
         traced = torch.jit.trace(net, _example(image_size), check_trace=False)
         torch.jit.save(traced, str(path))
     return Path(path)
@@ -113,7 +127,7 @@ def export_onnx(model: nn.Module, image_size: int, path: str | Path, opset: int 
     except ModuleNotFoundError as exc:
         raise ModuleNotFoundError("ONNX export needs the 'onnx' package (pip install 'posettp[export]')",
                                   name="onnx") from exc
-    net = _wrapped(model).eval()
+    net = _wrapped(model, image_size)
     # In eval mode without grad, nn.MultiheadAttention takes its fused fast path (aten::_native_multi_head_attention),
     # which has no ONNX symbolic: export the same attention written out in plain ops instead (a process-wide switch,
     # put back as it was).
@@ -121,8 +135,13 @@ def export_onnx(model: nn.Module, image_size: int, path: str | Path, opset: int 
     torch.backends.mha.set_fastpath_enabled(False)
     try:
         with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*", category=Warning)
-            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            _quiet_tracing()
+            warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export", category=Warning)
+            warnings.filterwarnings("ignore", message=r"The feature will be removed", category=DeprecationWarning)
+            # the decoders' gathers index with clamped (never negative) positions, and flip(-1) is a step -1 slice
+            # that is simply not folded: both warnings are about cases this graph does not have
+            warnings.filterwarnings("ignore", message=r".*If indices include negative values.*", category=UserWarning)
+            warnings.filterwarnings("ignore", message=r".*Only steps=1 can be constant folded.*", category=UserWarning)
             torch.onnx.export(net, (_example(image_size),), str(path), dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},

@@ -262,3 +262,35 @@ def test_personalize_reports_what_it_did(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "ttp.signal_frames=16 frames are in" in err and "this clip has 8" in err, err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_every_flag_has_help_and_choices_are_checked_before_work(capsys):
+    import argparse
+
+    from posettp.cli import build_parser, main
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in sub.choices.items() for a in p._actions
+               if not a.help]
+    assert not missing, missing
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--checkpoint", "nowhere", "--data", "nowhere", "--split", "tset"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "usage: posettp evaluate" in err and "invalid choice: 'tset'" in err
+
+
+def test_overlay_is_readable_and_shows_base_beside_personalized(tmp_path):
+    import cv2
+    import numpy as np
+
+    from client.overlay import READABLE, write_overlay
+    from data.sources import unlabeled_frame
+
+    frames = [unlabeled_frame(np.zeros((64, 48, 3), np.uint8), "me", "v", i, 13) for i in range(2)]
+    joints = np.tile(np.linspace(5, 40, 13)[:, None], (2, 1, 3)).astype(np.float32)
+    out = write_overlay(frames, joints, str(tmp_path / "ov"), base_predictions=joints + 3)
+    image = cv2.imread(str(tmp_path / "ov" / "000001.png"))
+    assert out == str(tmp_path / "ov") and image.shape == (64 * READABLE // 48, 2 * READABLE, 3)
+    left, right = image[:, :READABLE], image[:, READABLE:]
+    assert left.any() and right.any() and not np.array_equal(left, right)  # the two predictions differ
