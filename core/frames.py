@@ -50,7 +50,9 @@ def load_person_frames(path: str, person_id: str, num_joints: int, kind: str | N
     except (OSError, ValueError) as exc:
         raise FramesUnavailable(f"cannot read {path!r}: {exc}") from exc
     if not frames:
-        raise FramesUnavailable(f"{path!r} holds no frames for person {person_id!r}")
+        known = list_persons(path) if kind == "shards" else []
+        hint = f"; it holds {len(known)} persons, e.g. {', '.join(known[:5])}" if known else ""
+        raise FramesUnavailable(f"{path!r} holds no frames for person {person_id!r}{hint}")
     return frames
 
 

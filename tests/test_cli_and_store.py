@@ -294,3 +294,14 @@ def test_overlay_is_readable_and_shows_base_beside_personalized(tmp_path):
     assert out == str(tmp_path / "ov") and image.shape == (64 * READABLE // 48, 2 * READABLE, 3)
     left, right = image[:, :READABLE], image[:, READABLE:]
     assert left.any() and right.any() and not np.array_equal(left, right)  # the two predictions differ
+
+
+def test_an_unknown_person_names_some_known_ones(tmp_path, capsys):
+    from posettp.cli import main
+    from tests.fixtures_flower import make_checkpoint, write_random_shards
+
+    make_checkpoint(str(tmp_path / "ck"))
+    write_random_shards(str(tmp_path / "shards"), persons=2, frames=2, size=64)
+    assert main(["personalize", "--checkpoint", str(tmp_path / "ck"), "--shards", str(tmp_path / "shards"),
+                 "--person", "p009", "--scenario", "offline", "--out", str(tmp_path / "d")]) == 2
+    assert "no frames for person 'p009'; it holds 2 persons, e.g. p000, p001" in capsys.readouterr().err
