@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="serve", help="Serve config: a shipped name or a YAML path")
     p.set_defaults(target="server.serve:main")
 
+    p = sub.add_parser("flower-app", help="write the Flower app (ServerApp, ClientApp, run config) to a directory "
+                                          "for `flwr run DIR` from an installed package")
+    p.add_argument("--out", required=True, help="a new (or empty) directory")
+    p.set_defaults(target="server.flower_app:main")
+
     p = sub.add_parser("token", help="per-person bearer tokens of the pose API (stored hashed)")
     p.add_argument("action", choices=["add", "list", "revoke"], help="add prints the new token alone on its last line")
     where = p.add_mutually_exclusive_group(required=True)

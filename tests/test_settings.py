@@ -38,6 +38,25 @@ def test_flower_run_config_defaults_match_fl_settings():
     assert dataclasses.replace(s, base_checkpoint="") == FLSettings()
 
 
+def test_flower_app_written_for_an_installed_package_is_the_checkout_s_app(tmp_path):
+    """`posettp flower-app` states the same app as the checkout's pyproject.toml: components, bundle, defaults."""
+    from server.flower_app import write_app
+
+    ours = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
+    app = write_app(tmp_path / "app")
+    doc = tomllib.loads((app / "pyproject.toml").read_text())
+    theirs = doc["tool"]["flwr"]["app"]
+    assert theirs["components"] == ours["components"] and theirs["fab-include"] == ours["fab-include"]
+    assert theirs["config"] == ours["config"]
+    assert doc["project"]["name"] and doc["project"]["version"]
+    for component in theirs["components"].values():
+        module = component.split(":")[0].replace(".", "/") + ".py"
+        assert (app / module).is_file(), module
+    assert (app / "configs" / "synth_small.yaml").is_file() and not list(app.rglob("__pycache__"))
+    with pytest.raises(ValueError, match="not empty"):
+        write_app(app)
+
+
 def test_docs_settings_md_is_generated_from_the_code():
     assert (REPO / "docs" / "settings.md").read_text() == settings_doc.render(), \
         "docs/settings.md is stale: run `python -m posettp.settings_doc --write`"

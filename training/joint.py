@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import io as _io
 import json
-import math
 import os
 import random
 import re
 import statistics
 import sys
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from core.console import ray_output_to_log
 from core.crops import prepare_frames
 from core.local_ray import init_local_ray
 from core.scoring import headline_metric, score
@@ -72,6 +74,8 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 OPT_TENSORS, OPT_META, STATE_META = "optimizer.safetensors", "optimizer.json", "train_state.json"
 FAULT_MARKER = ".fault-injected"
 FORWARDED_ENV = ("AWS_", "POSETTP_", "FSSPEC_")
+TAG = "[joint]"  # the project's lines: the ones the terminal shows when Ray's own output goes to the log
+RAY_LOG = "ray.log"
 
 
 class TrainInputError(ValueError):
@@ -184,14 +188,6 @@ def read_train_state(url: str, rank: int) -> TrainState:
 # Run files written by rank 0 (metrics.jsonl, latest.json) and read by the driver.
 # --------------------------------------------------------------------------------------------------
 
-def _clean(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    return value
-
-
 def read_jsonl(url: str) -> list[dict]:
     if not io.exists(url):
         return []
@@ -199,15 +195,16 @@ def read_jsonl(url: str) -> list[dict]:
 
 
 class MetricsLog:
-    """metrics.jsonl rewritten whole on each report (object stores cannot append); rank 0 only."""
+    """metrics.jsonl rewritten whole on each report (object stores cannot append); rank 0 only. Standard JSON:
+    a NaN loss is written as null."""
 
     def __init__(self, run_url: str, start_step: int):
         self.url = io.join(run_url, "metrics.jsonl")
-        self.rows = [r for r in read_jsonl(self.url) if r.get("step", 0) <= start_step]
+        self.lines = [io.json_text(r, indent=None) for r in read_jsonl(self.url) if r.get("step", 0) <= start_step]
 
     def add(self, row: dict) -> None:
-        self.rows.append(_clean(row))
-        io.write_bytes_atomic(self.url, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+        self.lines.append(io.json_text(row, indent=None))
+        io.write_bytes_atomic(self.url, "".join(line + "\n" for line in self.lines).encode())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -265,6 +262,8 @@ def train_worker(config: dict) -> None:
     log = MetricsLog(config["run_url"], start_step) if rank == 0 else None
     if rank == 0:
         what = f"resumed from {source} at step {start_step}" if state else "started from scratch"
+        if checkpoint is not None:  # Ray Train restarted the worker group: its reason is in Ray's output
+            what = f"worker group restarted after a failure (Ray's output says why); {what}"
         print(f"[joint] {world} worker(s) on {device}, rank 0 shard: {shard}; {what}", flush=True)
         log.add({"event": "resume" if state else "start", "step": start_step, "world_size": world,
                  "source": source, "time": time.time()})
@@ -322,8 +321,8 @@ def train_worker(config: dict) -> None:
         if rank == 0:
             ck_url = io.join(config["run_url"], f"checkpoint_{done:07d}")
             log.add({**metrics, "checkpoint": ck_url, "time": time.time()})
-            io.write_bytes_atomic(io.join(config["run_url"], "latest.json"), json.dumps(
-                {"checkpoint": ck_url, "step": done, "metrics": _clean(metrics)}, indent=2).encode())
+            io.write_bytes_atomic(io.join(config["run_url"], "latest.json"), io.json_text(
+                {"checkpoint": ck_url, "step": done, "metrics": metrics}).encode())
             rate = (done - start_step) / (time.perf_counter() - t_start)
             val_txt = "".join(f"  {k} {v:.3f}" for k, v in metrics.items() if k.startswith("val_"))
             print(f"[joint] step {done}/{max_steps}  loss {metrics['loss']:.4f}  l_sup {metrics['l_sup']:.5f}  "
@@ -494,8 +493,68 @@ def worker_layout(workers: int | None, gpus: int | None, cluster_cpus: int, clus
     return WorkerLayout(workers, True, {"CPU": 1, "GPU": gpus / workers}, "nccl" if workers <= gpus else "gloo")
 
 
-def run_trainer(plan: Plan, worker_fn=None):
-    """Launch the TorchTrainer for a validated plan; returns ray.train.Result."""
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM on the driver; the private Ray it started is already stopped."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _fit(trainer, local: bool):
+    """trainer.fit(). With a private Ray, Ctrl-C/SIGTERM stop the run within seconds: Ray Train's own handler
+    waits, without a deadline, for its controller to abort (minutes on a loaded machine), so the fit runs in a
+    thread (where Ray Train leaves signals alone) and the signal stops the whole private Ray at once; the run's
+    reported checkpoints stay, for --resume. A cluster the user named keeps Ray Train's graceful abort."""
+    if not local:
+        return trainer.fit()
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread as is
+            outcome["error"] = exc
+
+    def stop(signum, _frame):
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+    except Interrupted as exc:
+        print(f"{TAG} {exc}: stopping the workers and the local Ray", flush=True)
+        ray.shutdown()
+        raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def run_trainer(plan: Plan, worker_fn=None, verbose: bool = True):
+    """Launch the TorchTrainer for a validated plan; returns ray.train.Result. Unless `verbose`, Ray's own output
+    goes to the run's ray.log and the terminal shows the project's lines."""
+    if not verbose:
+        log_path, upload = _ray_log_path(plan)
+        print(f"{TAG} Ray's own output: {io.join(plan.run_url, RAY_LOG) if upload else log_path} "
+              f"(--verbose shows it here)", flush=True)
+        owned = not ray.is_initialized()
+        try:
+            with ray_output_to_log(log_path, TAG):
+                try:
+                    return run_trainer(plan, worker_fn, verbose=True)
+                finally:
+                    if owned and ray.is_initialized():  # Ray's last forwarded lines land in the log, not after it
+                        ray.shutdown()
+        finally:
+            if upload:
+                io.write_bytes_atomic(io.join(plan.run_url, RAY_LOG), Path(log_path).read_bytes())
     if worker_fn is None:  # by module reference, also when this file runs as __main__
         from training import joint  # lazy: this very module by its package name, also when run as __main__
 
@@ -528,7 +587,17 @@ def run_trainer(plan: Plan, worker_fn=None):
                                scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                                             resources_per_worker=per_worker),
                                run_config=run_config)
-        return trainer.fit()
+        return _fit(trainer, local)
+
+
+def _ray_log_path(plan: Plan) -> tuple[str, bool]:
+    """Where Ray's output is written during the run: the run directory when it is local, else a local file that
+    is copied to the run directory at the end (True)."""
+    if "://" not in plan.run_url:  # plan_run made local storage an absolute path
+        return str(Path(plan.run_url, RAY_LOG)), False
+    fd, path = tempfile.mkstemp(prefix=f"posettp-{plan.run}-", suffix=".log")
+    os.close(fd)
+    return path, True
 
 
 def plot_curves(rows: list[dict], url: str) -> None:
@@ -572,7 +641,7 @@ def finish(plan: Plan) -> dict:
     best = max(scored, key=lambda r: (r[key], r["step"])) if scored else None
     if best:
         latest["best"] = {"checkpoint": best["checkpoint"], "step": best["step"], key: best[key]}
-    io.write_bytes_atomic(latest_url, json.dumps(latest, indent=2).encode())
+    io.write_bytes_atomic(latest_url, io.json_text(latest).encode())
     curves = io.join(plan.run_url, "curves.png")
     plot_curves(read_jsonl(io.join(plan.run_url, "metrics.jsonl")), curves)
     m = latest.get("metrics", {})
@@ -595,7 +664,13 @@ def main_from_args(args) -> int:
         finish(plan)
         return 0
     try:
-        result = run_trainer(plan)
+        result = run_trainer(plan, verbose=getattr(args, "verbose", False))
+    except Interrupted as exc:
+        latest_url = io.join(plan.run_url, "latest.json")
+        step = json.loads(io.read_bytes(latest_url))["step"] if io.exists(latest_url) else None
+        print(f"joint training stopped ({exc}); " + (f"its last checkpoint is step {step}: continue with --resume"
+                                                     if step else "no checkpoint was reported"), file=sys.stderr)
+        return 128 + exc.signum
     except TrainingFailedError as exc:
         print(f"joint training failed: {exc}", file=sys.stderr)
         return 1
@@ -620,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run of this name from its latest checkpoint")
     p.add_argument("--max-failures", type=int, default=None,
                    help=f"worker-group restarts before giving up (default {MAX_FAILURES})")
+    p.add_argument("--verbose", action="store_true", help="show Ray's own output here instead of in {run}/ray.log")
     return p
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -182,16 +183,16 @@ def verdict(msg, context):
 
 
 def hostile_app(root: Path) -> Path:
-    """A copy of the Flower app whose ClientApp is HOSTILE_CLIENT (the ServerApp is the product's own)."""
-    import shutil
-
+    """The Flower app as `posettp flower-app` writes it for an installed package, with HOSTILE_CLIENT as its
+    ClientApp (the ServerApp is the product's own)."""
     import tomli_w
     import tomllib
 
     app = root / "app"
-    for d in ("model", "data", "core", "store", "training", "client", "server", "configs"):
-        shutil.copytree(REPO / d, app / d, ignore=shutil.ignore_patterns("__pycache__"))
-    doc = tomllib.loads((REPO / "pyproject.toml").read_text())
+    res = subprocess.run([str(Path(sys.executable).parent / "posettp"), "flower-app", "--out", str(app)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and f"flwr run {app}" in res.stdout, res.stdout + res.stderr
+    doc = tomllib.loads((app / "pyproject.toml").read_text())
     doc["tool"]["flwr"]["app"]["components"]["clientapp"] = "hostile_client:app"
     doc["tool"]["flwr"]["app"]["fab-include"].append("hostile_client.py")
     (app / "pyproject.toml").write_text(tomli_w.dumps(doc))

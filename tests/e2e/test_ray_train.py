@@ -7,9 +7,12 @@ Every Ray process a test starts is stopped by PID (see tests/fixtures_ray.py), n
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +20,7 @@ import pytest
 import torch
 
 from model import io
-from posettp.procs import MarkedTreeWatch, exposed
+from posettp.procs import MarkedTreeWatch, exposed, pids_with_env
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import load_config
 from model.network import build_model
@@ -96,6 +99,7 @@ def test_s3_storage_on_moto(synth, s3_server, tmp_path):
         res = run_joint(joint_args(data, "s3://posettp/runs", "s3run"), ray_env(tag, ray_tmp, RAY_ADDRESS="local"))
     assert res.returncode == 0, res.stderr[-6000:]
     latest = _check_run("s3://posettp/runs/s3run")
+    assert b"RayTrainWorker" in io.read_bytes("s3://posettp/runs/s3run/ray.log")  # Ray's output, copied there
     assert latest["checkpoint"] == "s3://posettp/runs/s3run/checkpoint_0000006"
     assert "final checkpoint: s3://posettp/runs/s3run/checkpoint_0000006" in res.stdout
 
@@ -129,10 +133,11 @@ def test_injected_fault_recovers_from_checkpoint_exactly(synth, reference_run, t
     with tagged("fault") as (tag, ray_tmp):
         env = ray_env(tag, ray_tmp, RAY_ADDRESS="local", POSETTP_FAIL_AT_STEP="4")
         res = run_joint(joint_args(synth, str(storage), "fault") + ["--max-failures", "2"], env)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-6000:]
-    assert "injected fault at step 4 on rank 1" in out
     run = str(storage / "fault")
+    ray_log = io.read_bytes(io.join(run, "ray.log")).decode()
+    assert res.returncode == 0, (res.stdout + res.stderr + ray_log)[-6000:]
+    assert "injected fault at step 4 on rank 1" in ray_log  # Ray's report of the failure: in the log, not the terminal
+    assert "resumed from" in res.stdout and "RayTrainWorker" not in res.stdout + res.stderr
     assert io.exists(io.join(run, ".fault-injected"))
     events = [r for r in _metrics(run) if r.get("event")]
     assert [e["event"] for e in events] == ["start", "resume"]
@@ -159,6 +164,42 @@ def test_resume_flag_continues_a_failed_run_exactly(synth, reference_run, tmp_pa
     assert "resuming at step 3" in res.stdout
     latest = _check_run(str(storage / "crash"))
     assert load_checkpoint(latest["checkpoint"]).sha256 == reference_run["sha"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_ctrl_c_stops_training_and_its_ray_within_seconds(synth, tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, once the first checkpoint is reported:
+    the command, its workers and its private Ray are gone within seconds, the run can be resumed, and the
+    terminal saw the project's lines only (Ray's went to ray.log)."""
+    storage = tmp_path / "runs"
+    args = joint_args(synth, str(storage), "sigint", ["train.max_steps=100000"])
+    with tagged("sigint") as (tag, ray_tmp):
+        env = ray_env(tag, ray_tmp, RAY_ADDRESS="local")
+        proc = subprocess.Popen([str(VENV_BIN / "posettp"), "train", *args], cwd=REPO, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        lines = []
+        for line in proc.stdout:  # until the first checkpoint is reported
+            lines.append(line)
+            if "[joint] step 3/" in line:
+                break
+        assert lines and "[joint] step 3/" in lines[-1], "".join(lines) + proc.stderr.read()[-4000:]
+        t0 = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=60)
+        stopped_s = time.monotonic() - t0
+        out, err = "".join(lines) + proc.stdout.read(), proc.stderr.read()
+        time.sleep(1.0)
+        left = pids_with_env(TAG_KEY, tag)
+    print(f"\nCtrl-C: exit {rc} after {stopped_s:.1f} s; {len(left)} of its processes left")
+    assert rc == 130, out + err
+    assert stopped_s < 20, stopped_s
+    assert not left, left
+    assert "continue with --resume" in err and "its last checkpoint is step" in err, err
+    assert all(line.startswith("[joint]") for line in out.splitlines()), out  # nothing of Ray's on the terminal
+    ray_log = (storage / "sigint" / "ray.log").read_text()
+    assert "RayTrainWorker" in ray_log and "Started a local Ray instance" in ray_log
+    assert _latest(str(storage / "sigint"))["step"] >= 3
 
 
 # ------------------------------------------------------------------------------------------------
