@@ -17,6 +17,7 @@ from core.frames import labeled_person_frames
 from core.scoring import score
 from model.checkpoint import load_checkpoint
 from model.delta import apply_delta, deltable_keys, dequantize, encode_delta, extract_delta, quantize
+from model.joints import PENN  # the synthetic persons' joints
 from model.personalize import personalize
 from model.predict import predict_crops
 
@@ -70,7 +71,7 @@ def run(checkpoint: str, data: str, persons: int, out_png: str | None = None) ->
         for name, (d, nbytes) in variants.items():
             tuned = type(model)(model.cfg)
             tuned.load_state_dict(apply_delta(base, d))
-            methods.setdefault(name, []).append(score(predict_crops(tuned, crops, matrices), frames, "synth")["pck@0.2"])
+            methods.setdefault(name, []).append(score(predict_crops(tuned, crops, matrices), frames, PENN)["pck@0.2"])
             sizes.setdefault(name, []).append(nbytes)
     ref = np.array(methods["fp32"])
     table = {name: {"bytes": float(np.mean(sizes[name])), "ratio": float(np.mean(sizes[name]) / ck_bytes),

@@ -16,6 +16,7 @@ import time
 import numpy as np
 import torch
 
+from model.joints import PENN  # the synthetic persons' joints
 from model.predict import predict_crops
 from model.realtime import RealtimePersonalizer
 
@@ -81,7 +82,7 @@ def with_pck(checkpoint: str, data: str, persons: int = 4, fps: float = 15.0) ->
         sync = personalize(model, recon, crops, matrices, groups, ttp, "online").predictions
         for name, pred in (("none", predict_crops(model, crops, matrices)), ("online_sync", sync),
                            ("realtime", run["predictions"])):
-            pck[name].append(score(pred, frames, "synth")["pck@0.2"])
+            pck[name].append(score(pred, frames, PENN)["pck@0.2"])
     out = summary(np.concatenate(pure), np.concatenate(real))
     out.update({f"realtime_pck_{k}": float(np.mean(v)) for k, v in pck.items()},
                realtime_updates=updates, realtime_persons=len(pure), fps_fed=fps)

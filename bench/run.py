@@ -59,6 +59,7 @@ def online_and_offline(checkpoint: str, data: str, persons: int = 4) -> dict:
     from core.scoring import score
     from model.augment import Augmentation
     from model.checkpoint import load_checkpoint
+    from model.joints import PENN  # the synthetic persons' joints
     from model.personalize import personalize
 
     ck = load_checkpoint(checkpoint)
@@ -78,7 +79,7 @@ def online_and_offline(checkpoint: str, data: str, persons: int = 4) -> dict:
                                 f"offline_s_per_person{suffix}", []).append(
                     len(frames) / seconds if scenario == "online" else seconds)
                 rows.setdefault(f"ttp_pck_{scenario}{suffix}", []).append(score(result.predictions, frames,
-                                                                                 "synth")["pck@0.2"])
+                                                                                 PENN)["pck@0.2"])
     out = {k: float(np.median(v) if k.startswith(("online_fps", "offline_s")) else np.mean(v))
            for k, v in rows.items()}
     out["ttp_pck_max_abs_diff_vs_fp32_points"] = max(abs(out[f"ttp_pck_{s}_fp32"] - out[f"ttp_pck_{s}"]) * 100

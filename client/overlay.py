@@ -1,7 +1,7 @@
 """Draw predicted joints on the original frames, at a size people can read, and write them as a video or PNGs.
 
 Small frames (a 64-pixel synthetic person, a thumbnail) are upscaled so that the shorter side is READABLE pixels
-before drawing; left limbs are blue, right orange. With the base model's predictions beside the personalized ones,
+before drawing; the bones are the joint set's, left limbs blue, right orange. With the base model's predictions beside the personalized ones,
 each frame is a side-by-side: what personalization changed, frame by frame.
 """
 from __future__ import annotations
@@ -11,45 +11,45 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-# Penn Action skeleton: head-shoulders, arms, torso, legs
-BONES = ((0, 1), (0, 2), (1, 3), (3, 5), (2, 4), (4, 6), (1, 2), (1, 7), (2, 8), (7, 8),
-         (7, 9), (9, 11), (8, 10), (10, 12))
-LEFT = {1, 3, 5, 7, 9, 11}
+from model.joints import JointSet
+
 LEFT_COLOR, RIGHT_COLOR, JOINT_COLOR = (60, 120, 255), (255, 140, 40), (255, 255, 255)
 READABLE = 360  # the shorter side, in pixels, of every drawn frame
 
 
-def draw_pose(image_rgb: np.ndarray, joints: np.ndarray, caption: str = "") -> np.ndarray:
+def draw_pose(image_rgb: np.ndarray, joints: np.ndarray, joint_set: JointSet, caption: str = "") -> np.ndarray:
     """The frame scaled to a readable size with bones (left blue, right orange), joints and an optional caption."""
+    left = {i for i, name in enumerate(joint_set.joints) if name.startswith("left_")}
+    right = {i for i, name in enumerate(joint_set.joints) if name.startswith("right_")}
     h, w = image_rgb.shape[:2]
     scale = max(1.0, READABLE / min(h, w))
     out = cv2.resize(image_rgb, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_CUBIC)
     thickness = max(2, round(min(out.shape[:2]) / 120))
     pts = [(int(round(x * scale)), int(round(y * scale))) for x, y in np.asarray(joints)[:, :2]]
-    for a, b in BONES:
-        if a < len(pts) and b < len(pts):
-            color = LEFT_COLOR if a in LEFT and b in LEFT else RIGHT_COLOR
-            cv2.line(out, pts[a], pts[b], color, thickness, cv2.LINE_AA)
+    for a, b in joint_set.skeleton:
+        color = LEFT_COLOR if {a, b} <= left else RIGHT_COLOR if {a, b} & right else JOINT_COLOR
+        cv2.line(out, pts[a], pts[b], color, thickness, cv2.LINE_AA)
     for i, p in enumerate(pts):
-        cv2.circle(out, p, thickness + 2, LEFT_COLOR if i in LEFT else JOINT_COLOR, -1, cv2.LINE_AA)
+        cv2.circle(out, p, thickness + 2, LEFT_COLOR if i in left else JOINT_COLOR, -1, cv2.LINE_AA)
     if caption:
         cv2.putText(out, caption, (8, 8 + 12 * thickness), cv2.FONT_HERSHEY_SIMPLEX, 0.3 * thickness,
                     (255, 255, 255), max(1, thickness // 2), cv2.LINE_AA)
     return out
 
 
-def overlay_frames(frames: list, predictions: np.ndarray, base_predictions: np.ndarray | None = None) -> list:
+def overlay_frames(frames: list, predictions: np.ndarray, joint_set: JointSet,
+                   base_predictions: np.ndarray | None = None) -> list:
     """One drawn image per frame; side by side (base | personalized) when the base's predictions are given."""
     if base_predictions is None:
-        return [draw_pose(f.image, p) for f, p in zip(frames, predictions)]
-    return [np.hstack([draw_pose(f.image, b, "base"), draw_pose(f.image, p, "personalized")])
+        return [draw_pose(f.image, p, joint_set) for f, p in zip(frames, predictions)]
+    return [np.hstack([draw_pose(f.image, b, joint_set, "base"), draw_pose(f.image, p, joint_set, "personalized")])
             for f, p, b in zip(frames, predictions, base_predictions)]
 
 
-def write_overlay(frames: list, predictions: np.ndarray, out: str, base_predictions: np.ndarray | None = None,
-                  fps: float = 15.0) -> str:
+def write_overlay(frames: list, predictions: np.ndarray, out: str, joint_set: JointSet,
+                  base_predictions: np.ndarray | None = None, fps: float = 15.0) -> str:
     """Write `out` as an .mp4/.avi video, or as a folder of PNGs for any other name."""
-    images = overlay_frames(frames, predictions, base_predictions)
+    images = overlay_frames(frames, predictions, joint_set, base_predictions)
     path = Path(out)
     if path.suffix.lower() in (".mp4", ".avi"):
         h, w = images[0].shape[:2]

@@ -9,7 +9,8 @@ import numpy as np
 
 from model.augment import Augmentation
 from model.config import Config
-from model.metrics import bbc_macc, pck, pck_hits
+from model.joints import JointSet, JointSetMismatch, joint_set
+from model.metrics import bbc_macc, pck, pck_hits, torso_lengths
 from model.personalize import personalize
 from model.predict import predict_crops
 
@@ -17,28 +18,35 @@ from .checkpoints import with_weights
 from .crops import prepare_frames
 
 
-def metric_keys(dataset: str) -> list[str]:
-    """The numbers reported for a dataset, the headline first (BBC Pose: mAcc; the others: PCK@0.2, @0.5)."""
-    return ["macc"] if dataset == "bbc" else ["pck@0.2", "pck@0.5"]
+def _scored(joints: JointSet, frames: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gt xy, visible, per-frame normalising length) for the joint set's metric; unscored joints invisible."""
+    gt = np.stack([f.keypoints for f in frames]).astype(np.float64)
+    if gt.shape[1] != joints.size:
+        raise JointSetMismatch(f"frames have {gt.shape[1]} joints, the {joints.describe()} joint set is scored")
+    vis = gt[..., 2] > 0
+    vis[:, list(joints.unscored)] = False
+    if joints.normaliser == "torso":
+        norm = torso_lengths(gt[..., :2], vis, *joints.torso)
+    else:  # box: the longer side of the person box
+        norm = np.array([max(float(f.bbox[2]), float(f.bbox[3])) for f in frames])
+    return gt[..., :2], vis, norm
 
 
-def headline_metric(dataset: str) -> str:
-    return metric_keys(dataset)[0]
-
-
-def score(predictions: np.ndarray, frames: list, dataset: str) -> dict[str, float]:
-    """The dataset's metrics (`metric_keys`) of predictions in image coordinates against the frames' labels."""
-    gt = np.stack([f.keypoints for f in frames])
-    if metric_keys(dataset) == ["macc"]:
+def score(predictions: np.ndarray, frames: list, joints: JointSet) -> dict[str, float]:
+    """The joint set's metrics (`joints.metric_keys`) of predictions in image coordinates against the labels."""
+    if joints.normaliser == "macc":
+        gt = np.stack([f.keypoints for f in frames])
         return {"macc": bbc_macc(predictions, gt[..., :2], gt[..., 2])["mean"]}
-    return {"pck@0.2": pck(predictions, gt[..., :2], gt[..., 2], 0.2)["mean"],
-            "pck@0.5": pck(predictions, gt[..., :2], gt[..., 2], 0.5)["mean"]}
+    gt, vis, norm = _scored(joints, frames)
+    return {k: pck(predictions, gt, vis, alpha, norm)["mean"] for k, alpha in (("pck@0.2", 0.2), ("pck@0.5", 0.5))}
 
 
-def per_frame_pck(predictions: np.ndarray, frames: list, alpha: float = 0.2) -> np.ndarray:
+def per_frame_pck(predictions: np.ndarray, frames: list, joints: JointSet, alpha: float = 0.2) -> np.ndarray:
     """PCK of each frame on its own (NaN where no joint counts): for curves over a stream."""
-    gt = np.stack([f.keypoints for f in frames])
-    hits, mask = pck_hits(predictions, gt[..., :2], gt[..., 2], alpha)
+    if joints.normaliser == "macc":
+        raise ValueError(f"per-frame curves are PCK; the {joints.name} joint set is scored by mAcc")
+    gt, vis, norm = _scored(joints, frames)
+    hits, mask = pck_hits(predictions, gt, vis, alpha, norm)
     counted = mask.sum(1)
     return np.where(counted > 0, hits.sum(1) / np.maximum(counted, 1), np.nan)
 
@@ -63,7 +71,7 @@ def evaluate_person(model, recon_loss, cfg: Config, frames: list, scenario: str,
         ttp = personalize(model, recon_loss, crops, matrices, groups, cfg.ttp, scenario, seed, on_frame, augment)
         predictions = ttp.predictions
         result["ttp"] = ttp.metrics
-    result.update(score(predictions, frames, cfg.data.dataset))
+    result.update(score(predictions, frames, joint_set(cfg.model.joint_set)))
     result["predictions"] = predictions
     return result
 

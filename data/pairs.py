@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 from model.augment import Augmentation
 from model.config import DataConfig
-from model.transforms import apply_affine, crop_matrix, flip_permutation, to_tensor_layout, warp
+from model.joints import dataset_joint_set
+from model.transforms import apply_affine, crop_matrix, to_tensor_layout, warp
 
 from .shards import Frame
 
@@ -56,7 +57,11 @@ class PairDataset(Dataset):
         self.frames, self.size, self.cfg, self.seed, self.augment = frames, image_size, data_cfg, seed, augment
         self.aug = Augmentation.from_data(data_cfg)
         self.epoch = 0
-        self.perm = flip_permutation(frames[0].keypoints.shape[0])  # the joint set's own left/right pairs
+        joints = dataset_joint_set(data_cfg.dataset)
+        if frames[0].keypoints.shape[0] != joints.size:
+            raise ValueError(f"frames have {frames[0].keypoints.shape[0]} joints, data.dataset {data_cfg.dataset} "
+                             f"has the {joints.describe()} joint set")
+        self.perm = joints.flip_permutation()  # the joint set's own left/right pairs
         by_video: dict[tuple[str, str], list[int]] = defaultdict(list)
         by_person: dict[str, list[int]] = defaultdict(list)
         for i, f in enumerate(frames):

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from model.io import exists, filesystem, join, read_bytes, write_bytes_atomic
+from model.joints import JointSet, dataset_joint_set
 
 FORMAT = "posettp-shards/1"
 MANIFEST = "manifest.json"
@@ -163,6 +164,18 @@ def read_manifest(url: str) -> dict:
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{murl}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
+
+
+def read_joint_set(url: str) -> JointSet:
+    """The dataset's joint set as its manifest records it (a manifest from before joint sets: its dataset's)."""
+    manifest = read_manifest(url)
+    if "joint_set" in manifest:
+        return JointSet.from_dict(manifest["joint_set"])
+    js = dataset_joint_set(manifest.get("dataset", "synth"))
+    if manifest.get("joints") and len(manifest["joints"]) != js.size:
+        raise ValueError(f"{url}: the manifest lists {len(manifest['joints'])} joints, dataset "
+                         f"{manifest.get('dataset')!r} has the {js.describe()} joint set")
+    return js
 
 
 def read_table(url: str, split: str | None = None, persons: Iterable[str] | None = None,

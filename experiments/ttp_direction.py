@@ -37,6 +37,7 @@ from core.scoring import score
 from model.augment import Augmentation
 from model.config import from_dict
 from model.delta import apply_delta, deltable_keys, extract_delta
+from model.joints import joint_set
 from model.personalize import personalize
 from model.predict import predict_crops
 from training.reproduce import Experiment
@@ -72,7 +73,7 @@ def person_rows(run: Path, run_cfg, seed: int, persons: int, ttp_seeds: int, fli
 
     def pck_with(delta, crops, matrices, frames) -> float:
         scorer.load_state_dict(apply_delta(base, delta))
-        return score(predict_crops(scorer, crops, matrices), frames, cfg.data.dataset)["pck@0.2"]
+        return score(predict_crops(scorer, crops, matrices), frames, joint_set(cfg.model.joint_set))["pck@0.2"]
 
     rows = []
     for pid, frames in tqdm(list(exp.test_persons().items())[:persons], desc=f"transformer s{seed}", mininterval=10):

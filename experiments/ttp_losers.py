@@ -39,10 +39,10 @@ from experiments.ttp_direction import rows_of_every_seed, run_arguments, transfo
 from model.augment import Augmentation
 from model.config import apply_overrides, from_dict
 from model.delta import apply_delta, extract_delta
+from model.joints import joint_set
 from model.objectives import pose_signal
 from model.personalize import personalize, probe_pairs
 from model.predict import predict_crops
-from model.transforms import flip_permutation
 
 FRESH_PAIR_SEED = 424242  # the fresh pairs' generator: no TTP seed draws them
 # crop-to-crop views for the augmentation gap: (zoom, rotation degrees, shift in crop px)
@@ -71,7 +71,7 @@ def predicted_views(model, crops: torch.Tensor, matrices: np.ndarray) -> dict[st
     out = {"plain": predict_crops(model, crops, matrices)}
     mirror = np.array([[-1.0, 0.0, size - 1.0], [0.0, 1.0, 0.0]])
     flipped = predict_crops(model, crops.flip(-1), np.stack([_then(mirror, m) for m in matrices]))
-    out["flip"] = flipped[:, flip_permutation(flipped.shape[1])]
+    out["flip"] = flipped[:, joint_set(model.cfg.joint_set).flip_permutation()]
     images = crops.permute(0, 2, 3, 1).numpy()
     for i, view in enumerate(VIEWS):
         a = _view(size, *view)
@@ -116,11 +116,11 @@ def person_rows(run: Path, run_cfg, seed: int, persons: int) -> list[dict]:
         pairs = probe_pairs(crops, groups, len(crops), cfg.ttp.batch_size, FRESH_PAIR_SEED, cfg.ttp.cross_video)
         before, base_pred = signals(model, recon, crops, matrices, frames, pairs)
         row = {"person_id": pid, "seed": seed, "adapted": bool(delta), "guard_events": result.metrics["guard_events"],
-               "none": score(base_pred, frames, cfg.data.dataset)["pck@0.2"], "base": before}
+               "none": score(base_pred, frames, joint_set(cfg.model.joint_set))["pck@0.2"], "base": before}
         if delta:
             scorer.load_state_dict(apply_delta(base, delta))
             after, pred = signals(scorer, recon, crops, matrices, frames, pairs)
-            row.update(ttp=score(pred, frames, cfg.data.dataset)["pck@0.2"], adapted_signals=after,
+            row.update(ttp=score(pred, frames, joint_set(cfg.model.joint_set))["pck@0.2"], adapted_signals=after,
                        move=_gap(pred, base_pred))
         rows.append(row)
     return rows

@@ -17,6 +17,7 @@ from safetensors.torch import save as st_save
 
 from . import io
 from .config import Config, from_dict
+from .joints import JointSet, joint_set
 from .network import PoseTTPNet, build_model
 
 WEIGHTS = "model.safetensors"
@@ -35,6 +36,11 @@ class Checkpoint:
     sha256: str = ""
     loss_buffers: dict = field(default_factory=dict)
 
+    @property
+    def joint_set(self) -> JointSet:
+        """The joints this model predicts, as its config names them."""
+        return joint_set(self.config.model.joint_set)
+
 
 def state_bytes(model: PoseTTPNet) -> bytes:
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -49,7 +55,7 @@ def save_checkpoint(url: str, model: PoseTTPNet, cfg: Config, step: int = 0, met
     meta = {
         "format": "posettp-checkpoint", "format_version": 1, "variant": cfg.model.variant,
         "step": int(step), "metrics": metrics or {}, "sha256": sha, "created_at": time.time(),
-        "config": cfg.to_dict(),
+        "config": cfg.to_dict(), "joint_set": joint_set(cfg.model.joint_set).to_dict(),
         "loss_buffers": {k: v.tolist() for k, v in (loss_module.state_dict().items() if loss_module else [])
                          if not k.startswith("vgg.") and k not in ("vgg_mean", "vgg_std")},
         **(extra or {}),

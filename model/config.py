@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from .transforms import flip_pairs_for
+from .joints import DATASET_JOINT_SETS, JOINT_SETS
 
 
 class ConfigError(ValueError):
@@ -175,7 +175,10 @@ class ModelConfig:
     backbone: str = setting("small", "small | resnet18 | resnet50: the encoder's backbone (small: a CPU-sized "
                                      "stand-in)")
     image_size: int = setting(128, "side of the square input crop in pixels (a multiple of 32)")
-    num_joints: int = setting(13, "joints the supervised head predicts (the dataset's joint set)")
+    joint_set: str = setting("penn", "penn | h36m | bbc | coco: the joints the supervised head predicts; follows "
+                                     "data.dataset unless given")
+    num_joints: int = setting(13, "joints the supervised head predicts: the joint set's size, which it follows "
+                                  "unless given")
     num_keypoints: int = setting(30, "self-supervised keypoints of the reconstruction task")
     feat_channels: int = setting(256, "channels of the encoder's feature map F")
     heads: int = setting(4, "attention heads of the transformer that relates keypoints and joints")
@@ -218,7 +221,8 @@ class LossConfig:
 @dataclass
 class DataConfig:
     url: str = setting("", "shard directory or URL of the dataset")
-    dataset: str = setting("synth", "synth | penn | bbc | h36m: the dataset's kind (joint set and metric)")
+    dataset: str = setting("synth", "synth | penn | bbc | h36m | posetrack: the dataset's kind (its joint set and "
+                                    "metric)")
     train_split: str = setting("train", "split the model trains on")
     val_split: str = setting("val", "split validated on during training")
     test_split: str = setting("test", "split evaluated and personalized on")
@@ -339,7 +343,20 @@ def _assign(target: Any, new: Any) -> None:
 
 def _update(cfg: Config, data: Mapping, refuse_retired: bool = True) -> None:
     data = _without_retired(data, refuse=refuse_retired)
-    _assign(cfg, settings_from_mapping(Config, data, base=cfg, what=CONFIG_KEY))
+    new = settings_from_mapping(Config, data, base=cfg, what=CONFIG_KEY)
+    _follow_dataset(new, data)
+    _assign(cfg, new)
+
+
+def _follow_dataset(cfg: Config, data: Mapping) -> None:
+    """model.joint_set follows data.dataset, and model.num_joints the joint set, unless `data` gives them."""
+    given = data.get("model") if isinstance(data.get("model"), Mapping) else {}
+    dataset = data.get("data", {}).get("dataset") if isinstance(data.get("data"), Mapping) else None
+    if dataset is not None and "joint_set" not in given and cfg.data.dataset in DATASET_JOINT_SETS:
+        cfg.model.joint_set = DATASET_JOINT_SETS[cfg.data.dataset]
+    if (dataset is not None or "joint_set" in given) and "num_joints" not in given \
+            and cfg.model.joint_set in JOINT_SETS:
+        cfg.model.num_joints = JOINT_SETS[cfg.model.joint_set].size
 
 
 def _dotted(key: str, value: Any) -> dict:
@@ -358,13 +375,16 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"model.image_size must be a multiple of 32, got {cfg.model.image_size}")
     if cfg.model.decode not in DECODINGS:
         raise ConfigError(f"model.decode must be one of {DECODINGS}, got {cfg.model.decode!r}")
-    mirrored = [key for key, on in (("model.flip_test", cfg.model.flip_test), ("ttp.flip_weight", cfg.ttp.flip_weight),
-                                    ("ttp.pseudo_label_weight", cfg.ttp.pseudo_label_weight)) if on]
-    if mirrored:
-        try:
-            flip_pairs_for(cfg.model.num_joints)
-        except ValueError as exc:
-            raise ConfigError(f"{mirrored[0]}: {exc}") from None
+    if cfg.data.dataset not in DATASET_JOINT_SETS:
+        raise ConfigError(f"data.dataset must be one of {tuple(DATASET_JOINT_SETS)}, got {cfg.data.dataset!r}")
+    if cfg.model.joint_set not in JOINT_SETS:
+        raise ConfigError(f"model.joint_set must be one of {tuple(JOINT_SETS)}, got {cfg.model.joint_set!r}")
+    if cfg.model.joint_set != DATASET_JOINT_SETS[cfg.data.dataset]:
+        raise ConfigError(f"model.joint_set is {cfg.model.joint_set} but data.dataset {cfg.data.dataset} has the "
+                          f"{DATASET_JOINT_SETS[cfg.data.dataset]} joint set")
+    if cfg.model.num_joints != JOINT_SETS[cfg.model.joint_set].size:
+        raise ConfigError(f"model.num_joints is {cfg.model.num_joints} but the {cfg.model.joint_set} joint set has "
+                          f"{JOINT_SETS[cfg.model.joint_set].size} joints")
     for key in ("flip_weight", "pseudo_label_weight", "pseudo_label_agreement"):
         if getattr(cfg.ttp, key) < 0:
             raise ConfigError(f"ttp.{key} must be >= 0 (0 = off), got {getattr(cfg.ttp, key)}")

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .heatmaps import DECODERS, heatmap_to_image
 from .network import PoseTTPNet
-from .transforms import flip_permutation
+from .joints import joint_set
 
 INPUT_NAME = "crops"
 OUTPUT_NAME = "keypoints"
@@ -53,7 +53,7 @@ class PosePath(nn.Module):
         self.self_head = model.self_head if self.variant == "transformer" else None
         self.sup_head = model.sup_head
         self.flip_test = bool(cfg.flip_test)
-        perm = flip_permutation(cfg.num_joints) if self.flip_test else list(range(cfg.num_joints))
+        perm = joint_set(cfg.joint_set).flip_permutation() if self.flip_test else list(range(cfg.num_joints))
         self.register_buffer("flip_perm", torch.as_tensor(perm, dtype=torch.long), persistent=False)
         self.eval()
 

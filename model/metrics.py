@@ -1,18 +1,14 @@
-"""PCK (Penn Action / Human3.6M, torso-normalised) and BBC Pose mAcc.
+"""PCK against a per-frame normalising length (the torso, or the person box) and BBC Pose mAcc.
 
-Visible joints only. A frame whose torso length is zero (or whose shoulders or
-hips are not visible) cannot be normalised and is excluded rather than scored.
+Visible joints only. A frame whose normalising length is zero (for the torso: shoulders or hips not
+visible) cannot be normalised and is excluded rather than scored. Which length and which joints a dataset
+uses is its joint set's (`model.joints`).
 """
 from __future__ import annotations
 
 import numpy as np
 
-# Penn Action indices: shoulders 1, 2; hips 7, 8
-PENN_SHOULDERS = (1, 2)
-PENN_HIPS = (7, 8)
-
-
-def torso_lengths(gt: np.ndarray, vis: np.ndarray, shoulders=PENN_SHOULDERS, hips=PENN_HIPS) -> np.ndarray:
+def torso_lengths(gt: np.ndarray, vis: np.ndarray, shoulders, hips) -> np.ndarray:
     """Shoulder-centre to hip-centre distance per frame; 0 where it cannot be measured."""
     gt = np.asarray(gt, dtype=np.float64)
     vis = np.asarray(vis) > 0
@@ -22,21 +18,21 @@ def torso_lengths(gt: np.ndarray, vis: np.ndarray, shoulders=PENN_SHOULDERS, hip
     return np.where(ok, np.linalg.norm(sc - hc, axis=-1), 0.0)
 
 
-def pck_hits(pred: np.ndarray, gt: np.ndarray, vis: np.ndarray, alpha: float = 0.2, torso=None):
-    """Per-joint hits (N, J) and a mask (N, J) of joints that count."""
+def pck_hits(pred: np.ndarray, gt: np.ndarray, vis: np.ndarray, alpha: float, norm: np.ndarray):
+    """Per-joint hits (N, J) and a mask (N, J) of joints that count; `norm` is each frame's length."""
     pred = np.asarray(pred, dtype=np.float64)[..., :2]
     gt = np.asarray(gt, dtype=np.float64)[..., :2]
     vis = np.asarray(vis) > 0
-    torso = torso_lengths(gt, vis) if torso is None else np.asarray(torso, dtype=np.float64)
-    mask = vis & (torso[:, None] > 0)
+    norm = np.asarray(norm, dtype=np.float64)
+    mask = vis & (norm[:, None] > 0)
     dist = np.linalg.norm(pred - gt, axis=-1)
-    hits = (dist <= alpha * torso[:, None]) & mask
+    hits = (dist <= alpha * norm[:, None]) & mask
     return hits, mask
 
 
-def pck(pred, gt, vis, alpha: float = 0.2, torso=None) -> dict:
+def pck(pred, gt, vis, alpha: float, norm: np.ndarray) -> dict:
     """{"mean": x, "per_joint": [..], "count": n}; mean over all counted joints."""
-    hits, mask = pck_hits(pred, gt, vis, alpha, torso)
+    hits, mask = pck_hits(pred, gt, vis, alpha, norm)
     per_joint = np.where(mask.sum(0) > 0, hits.sum(0) / np.maximum(mask.sum(0), 1), np.nan)
     count = int(mask.sum())
     mean = float(hits.sum() / count) if count else float("nan")

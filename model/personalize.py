@@ -57,7 +57,7 @@ from .network import PoseTTPNet
 from .objectives import flip_consistency, mirror_pseudo_labels, pose_signal, self_loss
 from .precision import autocast
 from .predict import mirrored_heatmaps, predict_crops
-from .transforms import flip_permutation
+from .joints import joint_set
 
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 
@@ -139,7 +139,7 @@ class _Adapter:
         self.cfg = cfg
         self.frozen_appearance = "appearance" not in cfg.adapt
         self.mirror_terms = bool(cfg.flip_weight or cfg.pseudo_label_weight)
-        self.flip_perm = flip_permutation(base.cfg.num_joints) if self.mirror_terms else None
+        self.flip_perm = joint_set(base.cfg.joint_set).flip_permutation() if self.mirror_terms else None
         self.seed = seed
         self.rotations = torch.Generator().manual_seed(seed)  # the update steps' draws (rotation variant)
         self.guard_events = 0

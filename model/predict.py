@@ -6,7 +6,8 @@ import torch
 
 from .heatmaps import DECODERS, heatmap_to_image
 from .network import PoseTTPNet
-from .transforms import apply_affine, flip_permutation, invert
+from .joints import joint_set
+from .transforms import apply_affine, invert
 
 
 def mirrored_heatmaps(model: PoseTTPNet, images: torch.Tensor, perm) -> torch.Tensor:
@@ -27,7 +28,7 @@ def predict_crops(model: PoseTTPNet, crops: torch.Tensor, matrices: np.ndarray, 
         model.eval()
     device = next(model.parameters()).device
     decode = DECODERS[model.cfg.decode]
-    perm = flip_permutation(model.cfg.num_joints) if model.cfg.flip_test else None
+    perm = joint_set(model.cfg.joint_set).flip_permutation() if model.cfg.flip_test else None
     out = []
     for i in range(0, len(crops), batch_size):
         batch = crops[i:i + batch_size].to(device)

@@ -28,7 +28,7 @@ from model.config import apply_overrides
 from model.delta import apply_delta
 from model.device import pick_device
 from model.predict import predict_crops
-from model.transforms import full_image_bbox, joint_names, keypoints_json
+from model.transforms import full_image_bbox, keypoints_json
 from store.policy import DeltaPolicy
 
 
@@ -78,7 +78,7 @@ class PoseEstimator:
         self.checkpoint = ck
         self.device = device
         self.delta_meta = delta_meta  # the applied delta's metadata; None for the base model
-        self.joint_names = joint_names(ck.config.model.num_joints)
+        self.joint_names = ck.joint_set.joints
         self.net = with_weights(ck.model, apply_delta(ck.model.state_dict(), delta or {})).to(device)
 
     def predict(self, images: list, boxes: list | None = None) -> list[list[dict]]:

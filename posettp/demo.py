@@ -29,12 +29,13 @@ from pathlib import Path
 import yaml
 
 from data.shards import list_persons
+from model.config import config_path
+from server.flower_app import write_app
 
 from .demo_report import query_persons, write_report
 from .procs import flower_env, stop_marked
 
 MARKER = "POSETTP_DEMO_RUN"
-REPO = Path(__file__).resolve().parents[1]
 PERSONS, FRAMES, SIZE = 30, 30, 96  # -> 18 train, 3 val, 9 test persons at the calibrated default shift
 TRAIN_STEPS, TRAIN_BATCH = 400, 8  # per worker; 2 workers
 TTP_STEPS = 60
@@ -62,7 +63,7 @@ class Demo:
         with open(log, "a") as f:
             f.write(f"$ {shlex.join(cmd)}\n")
             f.flush()
-            proc = subprocess.run(cmd, cwd=REPO, env=self.env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=self.out, env=self.env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
         if proc.returncode != 0:
             raise StepFailed(f"step {step} failed (exit {proc.returncode}); see {log}")
         return log.read_text()
@@ -87,7 +88,7 @@ class Demo:
     def train(self) -> str:
         latest = self.out / "runs" / "demo" / "latest.json"
         if not latest.is_file():
-            self.run("train", [sys.executable, "training/joint.py", "--config", "configs/synth_small.yaml",
+            self.run("train", [sys.executable, "-m", "posettp.cli", "train", "--config", "synth_small",
                                "--set", f"data.url={self.data}", "--set", f"train.max_steps={TRAIN_STEPS}",
                                "--set", f"train.batch_size={TRAIN_BATCH}",
                                "--set", "train.report_every=250", "--workers", "2",
@@ -98,12 +99,15 @@ class Demo:
     # 3
     def federate(self, checkpoint: str) -> dict:
         persons = list_persons(str(self.data), "test")
+        app = self.out / "flower-app"  # the app as an installed package writes it: no checkout needed
+        shutil.rmtree(app, ignore_errors=True)
+        write_app(app)
         runs = {}
         for scenario, store, nodes in (("offline", self.store, len(persons)),
                                        ("online", self.out / "store-online", 1)):
             run_config = (f'base-checkpoint="{checkpoint}" data="{self.data}" scenario="{scenario}" '
                           f'storage="{store}" ttp-steps={TTP_STEPS}')
-            self.run("federate", ["flwr", "run", ".", "--stream", "--run-config", run_config, "--federation-config",
+            self.run("federate", ["flwr", "run", str(app), "--stream", "--run-config", run_config, "--federation-config",
                                   f"num-supernodes={nodes} client-resources-num-cpus=1"])
             summaries = sorted((store / "fl-runs").glob("run-*.json"), key=lambda p: p.stat().st_mtime)
             if not summaries:
@@ -120,13 +124,13 @@ class Demo:
     def serve_and_query(self, checkpoint: str) -> dict:
         port = _free_port()
         config = self.out / "serve.yaml"  # the shipped config with auth off: the demo has no tokens
-        doc = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+        doc = yaml.safe_load(config_path("serve").read_text())
         doc["applications"][0]["args"]["auth"] = False
         config.write_text(yaml.safe_dump(doc))
         log = open(self.logs / "serve.log", "a")
         proc = subprocess.Popen([sys.executable, "-m", "posettp.cli", "serve", "--checkpoint", checkpoint,
                                  "--store", str(self.store), "--port", str(port), "--config", str(config)],
-                                cwd=REPO, env=self.env,
+                                cwd=self.out, env=self.env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             _wait_http(f"http://127.0.0.1:{port}/healthz", proc, self.logs / "serve.log")

@@ -14,6 +14,7 @@ from core.checkpoints import model_with_loss, with_weights
 from core.crops import prepare_frame
 from core.frames import labeled_person_frames
 from core.scoring import evaluate_person, per_frame_pck, score
+from data.shards import read_joint_set
 from model import io
 from model.checkpoint import load_checkpoint
 from model.delta import apply_delta
@@ -39,7 +40,7 @@ def _post(url: str, person: str, png: bytes, bbox) -> dict:
 
 def query_persons(url: str, data: str) -> dict:
     """Every labeled test frame, posted as the person (personalized) and as a person with no delta (base)."""
-    out = {}
+    out, joints = {}, read_joint_set(data)
     for pid, frames in labeled_person_frames(data, "test").items():
         preds = {}
         for who in (pid, BASE_PROBE):
@@ -48,7 +49,7 @@ def query_persons(url: str, data: str) -> dict:
             preds[who] = answers
         personal = np.array([[[k["x"], k["y"], k["score"]] for k in a["keypoints"]] for a in preds[pid]])
         base = np.array([[[k["x"], k["y"], k["score"]] for k in a["keypoints"]] for a in preds[BASE_PROBE]])
-        out[pid] = {"base": score(base, frames, "synth"), "personalized": score(personal, frames, "synth"),
+        out[pid] = {"base": score(base, frames, joints), "personalized": score(personal, frames, joints),
                     "model_version": preds[pid][0]["model_version"],
                     "latency_ms_median": float(np.median([a["latency_ms"] for a in preds[pid]])),
                     "predictions": personal.tolist()}
@@ -71,7 +72,7 @@ def _save(plt, fig, path: Path, dpi: int) -> None:
     plt.close(fig)
 
 
-def _plot_bars(path: Path, rows: list[dict]) -> None:
+def _plot_bars(path: Path, rows: list[dict], metric: str) -> None:
     plt = _pyplot()
     x = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(max(6, len(rows) * 0.8), 3.5))
@@ -80,7 +81,7 @@ def _plot_bars(path: Path, rows: list[dict]) -> None:
         ax.bar(x + (i - 1) * 0.27, [r[key] * 100 for r in rows], 0.27, label=label)
     ax.set_xticks(x, [r["person_id"].split("-")[-1] for r in rows])
     ax.set_xlabel("test person")
-    ax.set_ylabel("PCK@0.2 (%)")
+    ax.set_ylabel(f"{metric} (%)")
     ax.legend(fontsize=8)
     _save(plt, fig, path, 120)
 
@@ -137,21 +138,21 @@ def write_report(out: Path, checkpoint: str, data: str, served: dict, fl: dict, 
     ck = load_checkpoint(checkpoint)
     model, recon = model_with_loss(ck)
     store = DeltaStore(str(out / "store"), DeltaPolicy.for_checkpoint(ck))
-    rows, gains = [], []
+    rows, gains, key = [], [], ck.joint_set.headline
     for pid, frames in labeled_person_frames(data, "test").items():
         found = store.load_latest(pid)
         personal = with_weights(model, apply_delta(model.state_dict(), found[0])) if found else model
         local = evaluate_person(personal, recon, ck.config, frames, "none")
         base = evaluate_person(model, recon, ck.config, frames, "none")
         online = evaluate_person(model, recon, ck.config, frames, "online")
-        gains.append((per_frame_pck(online["predictions"], frames)
-                      - per_frame_pck(base["predictions"], frames)).tolist())
+        gains.append((per_frame_pck(online["predictions"], frames, ck.joint_set)
+                      - per_frame_pck(base["predictions"], frames, ck.joint_set)).tolist())
         s = served[pid]
-        rows.append({"person_id": pid, "base": s["base"]["pck@0.2"], "offline": s["personalized"]["pck@0.2"],
-                     "online": online["pck@0.2"], "evaluate_base": base["pck@0.2"],
-                     "evaluate_offline": local["pck@0.2"], "model_version": s["model_version"],
+        rows.append({"person_id": pid, "base": s["base"][key], "offline": s["personalized"][key],
+                     "online": online[key], "evaluate_base": base[key],
+                     "evaluate_offline": local[key], "model_version": s["model_version"],
                      "latency_ms": s["latency_ms_median"]})
-    _plot_bars(out / "pck_per_person.png", rows)
+    _plot_bars(out / "pck_per_person.png", rows, key.upper())
     _plot_online_curve(out / "online_curve.png", gains)
     first = labeled_person_frames(data, "test")
     pid0 = next(iter(first))
@@ -161,7 +162,7 @@ def write_report(out: Path, checkpoint: str, data: str, served: dict, fl: dict, 
     mismatch = max(max(abs(r["base"] - r["evaluate_base"]), abs(r["offline"] - r["evaluate_offline"])) for r in rows)
     lines = ["# posettp demo report", "",
              f"checkpoint `{checkpoint}` (sha256 {ck.sha256[:12]}), data `{data}`, {len(rows)} unseen test persons.",
-             "", "PCK@0.2 (%) measured **through the HTTP endpoint** (base = a person with no delta; "
+             "", f"{key.upper()} (%) measured **through the HTTP endpoint** (base = a person with no delta; "
              "personalized = the person's offline delta filed by the Flower run), beside `posettp evaluate` "
              "on the same checkpoint and deltas, and online TTP (local).", "",
              "| person | base (HTTP) | personalized (HTTP) | evaluate base | evaluate personalized | online TTP | "

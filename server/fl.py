@@ -33,12 +33,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from core.checkpoints import build_recon_loss, model_with_loss
 from core.frames import labeled_person_frames
-from core.scoring import evaluate_person, headline_metric
-from data.shards import read_manifest
+from core.scoring import evaluate_person
+from data.shards import read_joint_set
 from model import io
 from model.checkpoint import Checkpoint, load_checkpoint, restore_loss_buffers, save_checkpoint, state_bytes
 from model.config import setting, settings_from_mapping
 from model.delta import DEFAULT_NORM_BOUND, DTYPES, DeltaRejected, apply_delta
+from model.joints import require_same
 from store.deltas import DeltaStore
 from store.policy import DeltaPolicy, check_person_id
 from store.protocol import TRAIN, VERDICT, base_records, blob_from_record
@@ -249,16 +250,15 @@ def fedavg_round(ck: Checkpoint, store: DeltaStore, entries: list[dict],
 
 def evaluate_held_out(old: Checkpoint, new: Checkpoint, url: str, exclude: set, limit: int) -> dict:
     """PCK without TTP of the old and the averaged base on test persons who were not clients."""
-    dataset = read_manifest(url).get("dataset", old.config.data.dataset)
+    require_same(old.joint_set, "the base checkpoint", read_joint_set(url), f"eval data {url}")
     persons = {p: f for p, f in labeled_person_frames(url, "test").items() if p not in exclude}
     if limit:
         persons = dict(list(persons.items())[:limit])
     if not persons:
         return {"skipped": f"no test persons in {url} outside the participants"}
-    key = headline_metric(dataset)
+    key = old.joint_set.headline
     rows = []
     for ck_name, ck in (("base", old), ("fedavg", new)):
-        ck.config.data.dataset = dataset
         model, recon = model_with_loss(ck)
         for pid, frames in persons.items():
             r = evaluate_person(model, recon, ck.config, frames, "none")

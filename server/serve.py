@@ -59,9 +59,10 @@ from model import io
 from model.checkpoint import META, checkpoint_url, load_checkpoint
 from model.config import config_path, from_dict, setting, settings_from_mapping
 from model.delta import DEFAULT_NORM_BOUND, DeltaRejected, apply_delta
+from model.joints import joint_set
 from model.network import PoseTTPNet
 from model.predict import predict_crops
-from model.transforms import flip_pairs_for, full_image_bbox, joint_names, keypoints_json
+from model.transforms import full_image_bbox, keypoints_json
 from server.auth import AuthError, TokenTable, default_tokens_url
 from store.deltas import DeltaStore
 from store.policy import DeltaPolicy, check_person_id
@@ -362,8 +363,6 @@ class PersonModels:
                  max_delta_bytes: int = 0, norm_bound: float = DEFAULT_NORM_BOUND, flip_test: bool = False):
         ck = load_checkpoint(checkpoint, map_location=device)
         self.base = ck.model.eval()
-        if flip_test:
-            flip_pairs_for(ck.config.model.num_joints)  # refuse a joint set without known left/right pairs now
         self.base.cfg.flip_test = flip_test  # person models share the base's cfg
         for p in self.base.parameters():
             p.requires_grad_(False)
@@ -373,7 +372,7 @@ class PersonModels:
         self.base_state = self.store.policy.state
         self.ttl_s = ttl_s
         self.image_size = ck.config.model.image_size
-        self.names = joint_names(ck.config.model.num_joints)
+        self.names = ck.joint_set.joints  # the checkpoint's own joint set
         self._live = weakref.WeakSet()  # the cached persons (the LRU drops them)
         self._live_lock = threading.Lock()
         self.base_bytes = sum(t.numel() * t.element_size() for t in self.base.state_dict().values())
@@ -620,7 +619,7 @@ class PoseIngress:
         meta = json.loads(io.read_bytes(io.join(self.s.checkpoint, META)))
         mcfg = from_dict(meta["config"]).model
         self.image_size = mcfg.image_size
-        self.names = joint_names(mcfg.num_joints)
+        self.names = joint_set(mcfg.joint_set).joints
         self.tokens = TokenTable(self.s.tokens, self.s.tokens_ttl_s) if self.s.auth else None
         self.budget = DecodeBudget(self.s.decode_budget_bytes)
 

@@ -18,7 +18,8 @@ from data.shards import load_frames
 from model.checkpoint import load_checkpoint
 from model.delta import DeltaRejected, apply_delta, read_metadata
 from model.predict import predict_crops
-from model.transforms import PENN_JOINTS, full_image_bbox
+from model.joints import PENN_JOINTS
+from model.transforms import full_image_bbox
 from store.policy import DeltaPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root, also under plain `pytest`

@@ -286,10 +286,11 @@ def test_overlay_is_readable_and_shows_base_beside_personalized(tmp_path):
 
     from client.overlay import READABLE, write_overlay
     from data.sources import unlabeled_frame
+    from model.joints import PENN
 
     frames = [unlabeled_frame(np.zeros((64, 48, 3), np.uint8), "me", "v", i, 13) for i in range(2)]
     joints = np.tile(np.linspace(5, 40, 13)[:, None], (2, 1, 3)).astype(np.float32)
-    out = write_overlay(frames, joints, str(tmp_path / "ov"), base_predictions=joints + 3)
+    out = write_overlay(frames, joints, str(tmp_path / "ov"), PENN, base_predictions=joints + 3)
     image = cv2.imread(str(tmp_path / "ov" / "000001.png"))
     assert out == str(tmp_path / "ov") and image.shape == (64 * READABLE // 48, 2 * READABLE, 3)
     left, right = image[:, :READABLE], image[:, READABLE:]

@@ -7,7 +7,8 @@ from core.crops import prepare_frame, prepare_frames
 from data.pairs import PairDataset, person_set, person_stream
 from data.shards import Frame
 from model.config import DataConfig
-from model.transforms import apply_affine, crop_matrix, flip_permutation, to_tensor_layout, warp
+from model.joints import PENN
+from model.transforms import apply_affine, crop_matrix, to_tensor_layout, warp
 
 SIZE = 64
 
@@ -59,7 +60,7 @@ def test_flip_swaps_left_and_right():
     cfg = DataConfig(scale_std=0.0, rot_prob=0.0, flip_prob=1.0)
     item = PairDataset([f], SIZE, cfg)[0]
     plain = apply_affine(f.keypoints[:, :2], crop_matrix(f.bbox, SIZE))
-    perm = flip_permutation(13)
+    perm = PENN.flip_permutation()
     # after flipping, "left wrist" (5) sits where the mirrored right wrist (6) was
     assert np.allclose(item["joints"][5, 0].item(), SIZE - 1 - plain[6, 0], atol=1e-4)
     assert np.allclose(item["joints"][5, 1].item(), plain[6, 1], atol=1e-4)

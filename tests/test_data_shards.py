@@ -8,7 +8,7 @@ import pytest
 from data.shards import (MANIFEST, SCHEMA, copy_dataset, encode_jpeg, list_persons, load_frames, read_manifest,
                          read_table, write_shards)
 from model.io import filesystem
-from model.transforms import PENN_JOINTS
+from model.joints import PENN_JOINTS
 
 
 def _rows(persons=3, videos=2, frames=5, size=32, unlabeled_person=None):

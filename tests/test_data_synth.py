@@ -9,7 +9,7 @@ import pytest
 from data.shards import SCHEMA, list_persons, load_frames, read_manifest, read_table
 from data.synth import DEFAULT_STRENGTH, SynthConfig, main, make_person, person_frames, person_id, split_plan
 from data.synth.look import SHIFT_HAIR, SHIFT_SCENES, SHIFT_TEXTURES, TRAIN_SCENES, TRAIN_TEXTURES, Shift
-from model.transforms import PENN_JOINTS
+from model.joints import PENN_JOINTS
 
 CFG = SynthConfig(size=64, frames=12, videos=2, extra_frames=10, seed=7)
 

@@ -8,11 +8,12 @@ from model.config import DECODINGS, ConfigError, load_config
 from model.heatmaps import (DECODERS, decode_argmax, decode_dark, gaussian_maps, gaussian_profiles, heatmap_to_image,
                             image_to_heatmap, marginal_soft_argmax)
 from model.losses import ReconstructionLoss
-from model.metrics import bbc_macc, pck
+from model.joints import BBC, COCO, H36M, PENN, JointSet, joint_set
+from model.metrics import bbc_macc, pck, torso_lengths
 from model.network import ConvEncoder, build_model, parameter_counts
 from model.objectives import flip_consistency, mirror_pseudo_labels
 from model.predict import mirrored_heatmaps
-from model.transforms import crop_matrix, flip_permutation
+from model.transforms import crop_matrix
 
 
 def small_cfg(variant="transformer"):
@@ -116,7 +117,7 @@ def test_flip_test_averages_with_the_mirror_so_a_mirrored_crop_gives_the_same_po
     a single pass differs by pixels."""
     from model.predict import predict_crops
 
-    with pytest.raises(ConfigError, match="model.flip_test: no left/right joint pairs known for 5 joints"):
+    with pytest.raises(ConfigError, match="model.num_joints is 5 but the penn joint set has 13 joints"):
         load_config("configs/synth_small.yaml", ["model.flip_test=true", "model.num_joints=5"])
     torch.manual_seed(0)
     model = build_model(small_cfg().model).eval()
@@ -124,7 +125,7 @@ def test_flip_test_averages_with_the_mirror_so_a_mirrored_crop_gives_the_same_po
     bbox = (10.0, 20.0, 50.0, 90.0)
     matrices = np.tile(crop_matrix(bbox, 64), (3, 1, 1))
     mirrored_matrices = np.tile(crop_matrix(bbox, 64, flip=True), (3, 1, 1))  # crop pixel x -> 63 - x, as .flip(-1)
-    perm = flip_permutation(13)
+    perm = PENN.flip_permutation()
 
     def both(flip_test):
         model.cfg.flip_test = flip_test
@@ -170,7 +171,7 @@ def test_pck_hand_computed_with_invisible_joint_and_zero_torso():
     vis = np.ones((2, 13))
     vis[0, 4] = 0
     # frame 1: zero torso (all joints at the origin) -> excluded
-    res = pck(pred, gt, vis, alpha=0.2)
+    res = pck(pred, gt, vis, 0.2, torso_lengths(gt, vis, *PENN.torso))
     assert res["count"] == 12
     assert res["mean"] == pytest.approx(11 / 12)
     assert np.isnan(res["per_joint"][4])
@@ -343,7 +344,7 @@ def test_flip_consistency_is_zero_exactly_when_the_mirror_agrees_and_pulls_each_
 
 
 def test_mirror_pseudo_labels_pull_both_views_toward_their_average_and_flatter_maps_cannot_satisfy_them():
-    with pytest.raises(ConfigError, match="ttp.pseudo_label_weight: no left/right joint pairs known for 5 joints"):
+    with pytest.raises(ConfigError, match="model.num_joints is 5 but the penn joint set has 13 joints"):
         load_config("configs/synth_small.yaml", ["ttp.pseudo_label_weight=100", "model.num_joints=5"])
     with pytest.raises(ConfigError, match="ttp.pseudo_label_weight must be >= 0"):
         load_config("configs/synth_small.yaml", ["ttp.pseudo_label_weight=-1"])
@@ -382,7 +383,15 @@ def test_mirror_pseudo_labels_pull_both_views_toward_their_average_and_flatter_m
 
 
 def test_each_joint_set_mirrors_with_its_own_pairs():
-    assert flip_permutation(13)[5] == 6 and flip_permutation(7)[1] == 2 and flip_permutation(17)[1] == 4
-    assert flip_permutation(17)[9] == 9  # the nose stays
-    with pytest.raises(ValueError, match="no left/right joint pairs known for 5 joints"):
-        flip_permutation(5)
+    assert PENN.flip_permutation()[5] == 6 and BBC.flip_permutation()[1] == 2 and H36M.flip_permutation()[1] == 4
+    assert H36M.flip_permutation()[9] == 9  # the nose stays
+    # Human3.6M and COCO both have 17 joints: the count alone cannot say which joints swap
+    assert COCO.flip_permutation()[1] == 2 and COCO.flip_permutation()[0] == 0
+    assert list(H36M.flip_permutation()) != list(COCO.flip_permutation())
+    for js in (PENN, BBC, H36M, COCO):  # every pair swaps a left_X with its right_X (BBC's names say so too)
+        assert all({js.joints[a][:5], js.joints[b][:5]} == {"left_", "right"} for a, b in js.flip_pairs), js.name
+        assert JointSet.from_dict(js.to_dict()) == js
+    with pytest.raises(ValueError, match="unknown joint set 'mpii'"):
+        joint_set("mpii")
+    with pytest.raises(ValueError, match="outside its 13 joints"):
+        JointSet.from_dict({**PENN.to_dict(), "skeleton": [[0, 13]]})

@@ -13,7 +13,8 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.predict import predict_crops
-from model.transforms import PENN_JOINTS, full_image_bbox, keypoints_json
+from model.joints import PENN_JOINTS
+from model.transforms import full_image_bbox, keypoints_json
 from server import auth
 from server.serve import (ApiError, PersonModels, ServeSettings, build_app, decode_image, parse_bbox, prepare_crop,
                           read_body, read_serve_config, shallow_clone, validate_person_id)

@@ -9,12 +9,13 @@ from tqdm import tqdm
 
 from core.checkpoints import model_with_loss, with_weights
 from core.frames import labeled_person_frames
-from core.scoring import evaluate_person, headline_metric, metric_keys, summarize
-from data.shards import read_manifest
+from core.scoring import evaluate_person, summarize
+from data.shards import read_joint_set
 from model import io
 from model.checkpoint import load_checkpoint
 from model.config import apply_overrides
 from model.delta import DeltaRejected, apply_delta
+from model.joints import require_same
 from model.device import pick_device
 from store.deltas import DeltaStore
 from store.policy import DeltaPolicy
@@ -25,8 +26,8 @@ log = logging.getLogger(__name__)
 def main(args) -> int:
     ck = load_checkpoint(args.checkpoint)
     cfg = apply_overrides(ck.config, args.overrides)
-    manifest = read_manifest(args.data)
-    cfg.data.dataset = manifest.get("dataset", cfg.data.dataset)
+    joints = ck.joint_set
+    require_same(joints, f"checkpoint {args.checkpoint}", read_joint_set(args.data), f"data {args.data}")
     device = pick_device(args.device)
     if args.store and args.scenario != "none":
         raise ValueError("--store applies stored deltas: use it with --scenario none")
@@ -51,8 +52,8 @@ def main(args) -> int:
         res = evaluate_person(person_model, recon, cfg, frames, args.scenario, seed=cfg.ttp.seed)
         res.pop("predictions")
         rows.append({"person_id": pid, **res, **({"model_version": version or "base"} if store else {})})
-    keys = metric_keys(cfg.data.dataset)
-    report = {"metric": headline_metric(cfg.data.dataset), "mean": summarize(rows, keys),
+    keys = joints.metric_keys
+    report = {"metric": joints.headline, "joint_set": joints.name, "mean": summarize(rows, keys),
               "persons": rows, "scenario": args.scenario, "checkpoint_sha256": ck.sha256,
               "split": args.split, "data": args.data, "device": str(device)}
     for r in rows:

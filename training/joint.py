@@ -57,11 +57,12 @@ from safetensors.torch import save as st_save
 from core.console import ray_output_to_log
 from core.crops import prepare_frames
 from core.local_ray import init_local_ray
-from core.scoring import headline_metric, score
-from data.shards import list_persons, read_manifest
+from core.scoring import score
+from data.shards import list_persons, read_joint_set, read_manifest
 from model import io
 from model.checkpoint import META, WEIGHTS, restore_loss_buffers, save_checkpoint
 from model.config import Config, ConfigError, from_dict, load_config
+from model.joints import JointSetMismatch, joint_set, require_same
 from model.predict import predict_crops
 from training.data import batch_stream, derive_seed, load_worker_frames, validation_frames
 from training.loop import build_training, seed_everything, train_step
@@ -222,10 +223,10 @@ def _maybe_fail(step: int, rank: int, world: int, fail_at: int | None, run_url: 
     raise RuntimeError(f"injected fault at step {step} on rank {rank} ({FAIL_ENV})")
 
 
-def _validate(core, val, dataset: str) -> dict:
+def _validate(core, val) -> dict:
     crops, matrices, frames = val
     predictions = predict_crops(core, crops, matrices)
-    return {f"val_{k}": v for k, v in score(predictions, frames, dataset).items()}
+    return {f"val_{k}": v for k, v in score(predictions, frames, joint_set(core.cfg.joint_set)).items()}
 
 
 def train_worker(config: dict) -> None:
@@ -310,7 +311,7 @@ def train_worker(config: dict) -> None:
                    "step_cpu_s_median": statistics.median(cpu_times),
                    "report_s": report_s, "world_size": world}
         if val is not None:
-            metrics.update(_validate(core, val, cfg.data.dataset))
+            metrics.update(_validate(core, val))
         t_report = time.perf_counter()
         extra = {"run": config["run"], "world_size": world}
         with tempfile.TemporaryDirectory(prefix="posettp-ck-") as tmp:
@@ -375,6 +376,11 @@ def _check_data(cfg: Config, url: str) -> bool:
         raise
     except Exception as exc:  # FileNotFoundError, permissions, corrupt Parquet, S3 errors: one message
         raise TrainInputError(f"data URL {url} cannot be read: {exc}") from exc
+    try:
+        require_same(joint_set(cfg.model.joint_set), f"the config (data.dataset {cfg.data.dataset})",
+                     read_joint_set(url), f"data {url} (dataset {manifest.get('dataset')})")
+    except JointSetMismatch as exc:
+        raise TrainInputError(f"{exc}; set data.dataset to the data's") from None
     cfg.data.dataset = manifest.get("dataset", cfg.data.dataset)
     return bool(splits.get(cfg.data.val_split, {}).get("labeled_frames")) and cfg.train.val_frames > 0
 
@@ -466,7 +472,7 @@ def ray_storage(storage: str):
 
 
 def score_key(cfg: Config) -> str:
-    return f"val_{headline_metric(cfg.data.dataset)}"
+    return f"val_{joint_set(cfg.model.joint_set).headline}"
 
 
 @dataclass(frozen=True)

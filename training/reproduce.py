@@ -27,11 +27,12 @@ from tqdm import tqdm
 from core.checkpoints import model_with_loss
 from core.frames import labeled_person_frames
 from core.scoring import evaluate_person, per_frame_pck, score
-from data.shards import load_frames
+from data.shards import load_frames, read_joint_set
 from model import io
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import VARIANTS, Config, apply_overrides, from_dict, load_config
 from model.device import pick_device
+from model.joints import joint_set, require_same
 
 from .local import train_local
 
@@ -66,6 +67,11 @@ class Experiment:
         self.device = pick_device(device)
         self.variants = tuple(v for v in VARIANTS if v in variants)
         self.data_url = cfg.data.url
+        self.joints = joint_set(cfg.model.joint_set)
+        self.metric = self.joints.headline  # what every table reports: the joint set's metric
+        self.label = self.metric.upper().replace("MACC", "mAcc")
+        require_same(self.joints, f"the config (data.dataset {cfg.data.dataset})", read_joint_set(self.data_url),
+                     f"data {self.data_url}")
         # decoding and the flip test are inference only: cached models are reused whatever they are, their
         # evaluations are not
         self.inference_tag = ("" if cfg.model.decode == "quarter" else f"-{cfg.model.decode}") + \
@@ -168,13 +174,13 @@ def _with(cfg: Config, overrides: list[str]) -> Config:
     return apply_overrides(from_dict(cfg.to_dict()), overrides)
 
 
-def paired(a: dict, b: dict, key: str = "pck@0.2") -> np.ndarray:
+def paired(a: dict, b: dict, key: str) -> np.ndarray:
     """Per-person differences b - a (same persons, same order)."""
     da = {r["person_id"]: r[key] for r in a["persons"]}
     return np.array([r[key] - da[r["person_id"]] for r in b["persons"]])
 
 
-def gains_per_person(pairs: list[tuple[dict, dict]], key: str = "pck@0.2") -> dict[str, float]:
+def gains_per_person(pairs: list[tuple[dict, dict]], key: str) -> dict[str, float]:
     """Each person's gain averaged over the (without, with) evaluation pairs of the training seeds. A person x seed
     pair that loses a point mostly gains on the other seeds (with the opt-in pseudo-labels, all 3 of the transformer's
     offline pairs below -1 gained on both other seeds): whether TTP hurts a person is this mean; table1 reports both
@@ -194,7 +200,7 @@ def mean_std(values) -> str:
 def table1(exp: Experiment) -> dict:
     results, lines, spread = {}, [], []
     seeds = range(exp.seeds)
-    base_means = [np.mean([r["pck@0.2"] for r in exp.evaluation("baseline", s, "none")["persons"]]) for s in seeds]
+    base_means = [np.mean([r[exp.metric] for r in exp.evaluation("baseline", s, "none")["persons"]]) for s in seeds]
     lines.append("| method | w/o TTP | online TTP | offline TTP |")
     lines.append("| --- | --- | --- | --- |")
     for variant in exp.variants:
@@ -205,13 +211,13 @@ def table1(exp: Experiment) -> dict:
                 cells.append("–")
                 continue
             evals = without if scenario == "none" else [exp.evaluation(variant, s, scenario) for s in seeds]
-            means = [np.mean([r["pck@0.2"] for r in e["persons"]]) for e in evals]
+            means = [np.mean([r[exp.metric] for r in e["persons"]]) for e in evals]
             delta_base = np.mean(means) - np.mean(base_means)
-            entry = {"pck@0.2_mean": float(np.mean(means)), "pck@0.2_std": float(np.std(means)),
+            entry = {f"{exp.metric}_mean": float(np.mean(means)), f"{exp.metric}_std": float(np.std(means)),
                      "per_seed": [float(m) for m in means], "vs_baseline": float(delta_base)}
             if scenario != "none":
-                diffs = np.concatenate([paired(w, e) for w, e in zip(without, evals)])
-                person = np.array(list(gains_per_person(list(zip(without, evals))).values()))
+                diffs = np.concatenate([paired(w, e, exp.metric) for w, e in zip(without, evals)])
+                person = np.array(list(gains_per_person(list(zip(without, evals)), exp.metric).values()))
                 entry.update(gain_mean=float(diffs.mean()), gain_se=float(diffs.std(ddof=1) / np.sqrt(len(diffs))),
                              gain_min=float(diffs.min()), gain_max=float(diffs.max()),
                              persons_worse_1pck=int((diffs < -0.01).sum()), pairs=int(len(diffs)),
@@ -231,11 +237,11 @@ def table1(exp: Experiment) -> dict:
         results[variant] = row
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"PCK@0.2 (%) on {len(exp.test_persons())} unseen test persons, mean ± std over {exp.seeds} "
+    lines.append(f"{exp.label} (%) on {len(exp.test_persons())} unseen test persons, mean ± std over {exp.seeds} "
                  "training seeds; (+Δ) vs baseline; [TTP gain] = paired per-person gain over the same model "
                  "without TTP, mean ± standard error over persons × seeds.")
     if spread:  # none with --variants baseline
-        lines += ["", "Per-person spread of the TTP gain (PCK@0.2 points):", *(f"- {line}" for line in spread)]
+        lines += ["", f"Per-person spread of the TTP gain ({exp.label} points):", *(f"- {line}" for line in spread)]
     return {"results": results, "markdown": "\n".join(lines)}
 
 
@@ -250,20 +256,20 @@ def _table2_run(iters: int, guard: bool) -> tuple[str, tuple[str, ...]]:
 def table2(exp: Experiment) -> dict:
     lines = ["| iterations | online, no guard | online, guard |", "| --- | --- | --- |"]
     none = [exp.evaluation("transformer", s, "none") for s in range(exp.seeds)]
-    base = np.mean([np.mean([r["pck@0.2"] for r in e["persons"]]) for e in none])
+    base = np.mean([np.mean([r[exp.metric] for r in e["persons"]]) for e in none])
     results = {"no_ttp": float(base)}
     for iters in (1, 2, 3, 4):
         cells = []
         for guard in (False, True):
             tag, overrides = _table2_run(iters, guard)
             evals = [exp.evaluation("transformer", s, "online", tag, overrides) for s in range(exp.seeds)]
-            means = [np.mean([r["pck@0.2"] for r in e["persons"]]) for e in evals]
+            means = [np.mean([r[exp.metric] for r in e["persons"]]) for e in evals]
             events = sum(r["ttp"]["guard_events"] for e in evals for r in e["persons"])
-            results[tag[1:]] = {"pck@0.2": float(np.mean(means)), "guard_events": int(events)}
+            results[tag[1:]] = {exp.metric: float(np.mean(means)), "guard_events": int(events)}
             cells.append(f"{np.mean(means) * 100:.1f} ({(np.mean(means) - base) * 100:+.1f})"
                          + (f", guard fired {events}×" if guard else ""))
         lines.append(f"| {iters} | " + " | ".join(cells) + " |")
-    lines.append(f"\nw/o TTP: {base * 100:.1f} PCK@0.2 (transformer, {exp.seeds} seeds)")
+    lines.append(f"\nw/o TTP: {base * 100:.1f} {exp.label} (transformer, {exp.seeds} seeds)")
     return {"results": results, "markdown": "\n".join(lines)}
 
 
@@ -279,8 +285,8 @@ def fig3(exp: Experiment) -> dict:
         none, online = exp.evaluation("transformer", s, "none"), exp.evaluation("transformer", s, "online")
         for rn, ro in zip(none["persons"], online["persons"]):
             frames = exp.test_persons()[rn["person_id"]]
-            per_frame = (per_frame_pck(np.array(ro["predictions"]), frames)
-                         - per_frame_pck(np.array(rn["predictions"]), frames))
+            per_frame = (per_frame_pck(np.array(ro["predictions"]), frames, exp.joints)
+                         - per_frame_pck(np.array(rn["predictions"]), frames, exp.joints))
             curves.append(per_frame)
     length = min(len(c) for c in curves)
     gain = np.nanmean(np.array([c[:length] for c in curves]), axis=0) * 100
@@ -291,7 +297,7 @@ def fig3(exp: Experiment) -> dict:
     ax.plot(np.arange(len(smooth)) + window // 2, smooth, label=f"moving mean ({window})")
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xlabel("frame index in the person's stream")
-    ax.set_ylabel("online TTP gain (PCK@0.2 points)")
+    ax.set_ylabel(f"online TTP gain ({exp.label} points)")
     ax.set_title("Figure 3: online improvement vs frame index")
     ax.legend()
     fig.tight_layout()
@@ -327,7 +333,7 @@ def fig4(exp: Experiment) -> dict:
             out = []
             for pid, frames in tqdm(exp.test_persons().items(), desc=f"fig4 s{s} {n} frames", mininterval=5):
                 res = evaluate_person(model, recon, cfg, frames, "offline", seed=s, adapt_frames=extras[pid][:n])
-                out.append(res["pck@0.2"] - none[pid]["pck@0.2"])
+                out.append(res[exp.metric] - none[pid][exp.metric])
             return out
         for n in counts:
             rows[n] += _cached(exp.out / "evals" / f"fig4-s{s}-n{n}{exp.inference_tag}{key}.json",
@@ -339,7 +345,7 @@ def fig4(exp: Experiment) -> dict:
     ax.axhline(0, color="k", lw=0.5)
     ax.set_xscale("log")
     ax.set_xlabel("unlabeled frames used for offline TTP")
-    ax.set_ylabel("gain over no TTP (PCK@0.2 points)")
+    ax.set_ylabel(f"gain over no TTP ({exp.label} points)")
     ax.set_title("Figure 4: gain vs amount of unlabeled data")
     fig.tight_layout()
     png = exp.out / "fig4_gain_vs_frames.png"
@@ -374,7 +380,7 @@ def table5(exp: Experiment) -> dict:
                     frames = exp.test_persons()[r["person_id"]]
                     pred = np.array(r["predictions"], dtype=np.float32)
                     pred = smooth_predictions(pred, frames) if smoothing else pred
-                    vals.append(score(pred, frames, "synth")["pck@0.2"])
+                    vals.append(score(pred, frames, exp.joints)[exp.metric])
             results[f"{scenario}{'_smoothed' if smoothing else ''}"] = float(np.mean(vals))
             cells.append(f"{np.mean(vals) * 100:.1f}")
         lines.append(f"| {'+ Savitzky–Golay' if smoothing else 'raw'} | " + " | ".join(cells) + " |")

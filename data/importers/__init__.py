@@ -1,4 +1,4 @@
-"""`posettp import {penn,bbc,h36m}`: convert a real dataset from its own on-disk layout to shards.
+"""`posettp import {penn,bbc,h36m,posetrack}`: convert a real dataset from its own on-disk layout to shards.
 
 Each importer keeps its dataset's joint set (named in the manifest with its left/right flip pairs)
 and its own train/test split. Bad input stops the import with an error naming the file and what is
@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..shards import write_shards
-from . import bbc, h36m, penn
+from model.joints import dataset_joint_set
 
-IMPORTERS = {m.NAME: m for m in (penn, bbc, h36m)}
+from ..shards import write_shards
+from . import bbc, h36m, penn, posetrack
+
+IMPORTERS = {m.NAME: m for m in (penn, bbc, h36m, posetrack)}
 
 
 def convert(dataset: str, src: str | Path, out: str) -> dict:
@@ -23,8 +25,8 @@ def convert(dataset: str, src: str | Path, out: str) -> dict:
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: source directory does not exist")
     module = IMPORTERS[dataset]
-    manifest = {"dataset": dataset, "joints": list(module.JOINTS),
-                "flip_pairs": [list(p) for p in module.FLIP_PAIRS], "source": str(src)}
+    manifest = {"dataset": dataset, "joints": list(module.JOINTS), "flip_pairs": [list(p) for p in module.FLIP_PAIRS],
+                "joint_set": dataset_joint_set(dataset).to_dict(), "source": str(src)}
     return write_shards(module.rows(src), out, manifest)
 
 

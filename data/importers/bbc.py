@@ -14,13 +14,13 @@ from typing import Iterator
 
 import numpy as np
 
-from model.transforms import BBC_FLIP_PAIRS
+from model.joints import BBC
 
 from .common import box_from_joints, load_mat, read_jpeg
 
 NAME = "bbc"
-JOINTS = ("head", "right_wrist", "left_wrist", "right_elbow", "left_elbow", "right_shoulder", "left_shoulder")
-FLIP_PAIRS = BBC_FLIP_PAIRS
+JOINTS = BBC.joints
+FLIP_PAIRS = BBC.flip_pairs
 FIELDS = ("videoName", "type", "train_frames", "train_joints", "test_frames", "test_joints")
 TRAIN_VIDEOS, TEST_VIDEOS = range(1, 11), range(11, 21)
 BOX_MARGIN = 60.0

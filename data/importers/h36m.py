@@ -20,14 +20,13 @@ from typing import Iterator
 
 import numpy as np
 
-from model.transforms import H36M_FLIP_PAIRS
+from model.joints import H36M
 
 from .common import read_jpeg
 
 NAME = "h36m"
-JOINTS = ("pelvis", "right_hip", "right_knee", "right_ankle", "left_hip", "left_knee", "left_ankle", "torso", "neck",
-          "nose", "head", "left_shoulder", "left_elbow", "left_wrist", "right_shoulder", "right_elbow", "right_wrist")
-FLIP_PAIRS = H36M_FLIP_PAIRS
+JOINTS = H36M.joints
+FLIP_PAIRS = H36M.flip_pairs
 SPLITS = {1: "train", 5: "train", 6: "train", 7: "train", 8: "train", 9: "test", 11: "test"}
 FRAME_STRIDE = 5
 

@@ -12,13 +12,13 @@ from typing import Iterator
 
 import numpy as np
 
-from model.transforms import PENN_FLIP_PAIRS, PENN_JOINTS
+from model.joints import PENN
 
 from .common import box_from_joints, load_mat, read_jpeg, scalar
 
 NAME = "penn"
-JOINTS = PENN_JOINTS
-FLIP_PAIRS = PENN_FLIP_PAIRS
+JOINTS = PENN.joints
+FLIP_PAIRS = PENN.flip_pairs
 FIELDS = ("x", "y", "visibility", "bbox", "train", "action", "nframes")
 
 

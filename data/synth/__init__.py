@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model.io import join, write_bytes_atomic
-from model.transforms import PENN_FLIP_PAIRS, PENN_JOINTS
+from model.joints import PENN
 
 from ..shards import encode_jpeg, write_shards
 from .body import MOTIONS, NOMINAL, motion
@@ -213,7 +213,8 @@ def main(args) -> int:
     plan = split_plan(args.persons, args.split)
     sheet = ContactSheet()
     manifest = {
-        "dataset": "synth", "joints": list(PENN_JOINTS), "flip_pairs": [list(p) for p in PENN_FLIP_PAIRS],
+        "dataset": "synth", "joints": list(PENN.joints), "flip_pairs": [list(p) for p in PENN.flip_pairs],
+        "joint_set": PENN.to_dict(),
         "generator": {"seed": cfg.seed, "size": cfg.size, "frames_per_video": cfg.frames, "videos": cfg.videos,
                       "extra_frames": cfg.extra_frames, "shift": strength, "shift_components": cfg.shift.as_dict(),
                       "shift_profile": profile.as_dict(), "persons": args.persons, "split": args.split,
