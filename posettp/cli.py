@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-frames", type=int, default=None, help="unlabeled extra frames per test person")
     p.set_defaults(target="data.synth:main")
 
-    p = sub.add_parser("import", help="convert a real dataset (Penn Action, BBC Pose, Human3.6M) to shards")
-    p.add_argument("dataset", choices=["penn", "bbc", "h36m"], help="the dataset's on-disk format")
+    p = sub.add_parser("import", help="convert a real dataset (Penn Action, BBC Pose, Human3.6M, PoseTrack 2018) to "
+                                      "shards")
+    p.add_argument("dataset", choices=["penn", "bbc", "h36m", "posetrack"], help="the dataset's on-disk format")
     p.add_argument("--src", required=True, help="the dataset's directory, as distributed")
     p.add_argument("--out", required=True, help="output shards URL (path, file://, s3://)")
     p.set_defaults(target="data.importers:main")

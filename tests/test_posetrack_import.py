@@ -23,9 +23,10 @@ def test_manifest_splits_and_persons(tmp_path):
     m = convert("posetrack", tmp_path / "pt", str(tmp_path / "out"))
     assert (m["dataset"], m["joints"], m["num_joints"]) == ("posetrack", list(COCO_JOINTS), 17)
     assert m["flip_pairs"] == [list(p) for p in COCO.flip_pairs] and m["joint_set"] == COCO.to_dict()
-    # train: video 1 has 2 tracks (3 + 2 labeled, 3 unlabeled each), video 2 one (3 + 3); test: 2 x (3 + 3)
-    assert m["splits"] == {"train": {"persons": 3, "frames": 17, "labeled_frames": 8},
-                           "test": {"persons": 2, "frames": 12, "labeled_frames": 6}}
+    # train: video 1 has 2 tracks (labeled at 0, 2, 4 and at 0, 2; unlabeled within that span: 1, 3 and 1), video 2
+    # one (3 + 2); test: 2 x (3 + 2). Frame 5 is after every track's last label: left out
+    assert m["splits"] == {"train": {"persons": 3, "frames": 13, "labeled_frames": 8},
+                           "test": {"persons": 2, "frames": 10, "labeled_frames": 6}}
     persons = sorted(set(read_table(str(tmp_path / "out"), columns=["person_id"]).column("person_id").to_pylist()))
     assert persons == [f"{V1}-t1", f"{V1}-t2", "000002_mpii_train-t1", "000003_bonn-t1", "000003_bonn-t2"]
 
@@ -35,7 +36,7 @@ def test_labeled_and_unlabeled_frames(tmp_path):
     convert("posetrack", src, str(tmp_path / "out"))
     ann = _annotations(src, "train", V1)
     t1 = load_frames(str(tmp_path / "out"), person=f"{V1}-t1")
-    assert [(f.video_id, f.frame, f.labeled) for f in t1] == [(V1, k, k % 2 == 0) for k in range(6)]
+    assert [(f.video_id, f.frame, f.labeled) for f in t1] == [(V1, k, k % 2 == 0) for k in range(5)]
     f = t1[2]
     assert (f.split, f.image.shape) == ("train", (80, 96, 3))
     want = np.asarray(ann[2, 1]["keypoints"], np.float32).reshape(17, 3)
@@ -44,11 +45,10 @@ def test_labeled_and_unlabeled_frames(tmp_path):
     assert (f.keypoints[3:5] == 0).all()  # ears: never annotated in PoseTrack
     assert f.bbox.tolist() == ann[2, 1]["bbox"]
     assert (t1[1].keypoints == 0).all() and t1[1].bbox.tolist() == ann[0, 1]["bbox"]  # tie -> earlier frame
-    assert t1[5].bbox.tolist() == ann[4, 1]["bbox"]
+    assert t1[3].bbox.tolist() == ann[2, 1]["bbox"]
     t2 = load_frames(str(tmp_path / "out"), person=f"{V1}-t2")
-    assert [(f.frame, f.labeled) for f in t2] == [(0, True), (1, False), (2, True), (3, False), (5, False)]
+    assert [(f.frame, f.labeled) for f in t2] == [(0, True), (1, False), (2, True)]  # 3, 5: past its last label
     assert t2[0].keypoints[15, 2] == 0 and t2[0].keypoints[16, 2] == 1  # occluded left ankle
-    assert t2[-1].bbox.tolist() == ann[2, 2]["bbox"]  # track 2 is not labeled at frame 4: nearest is 2
     stored = read_table(str(tmp_path / "out"), persons=[f"{V1}-t2"], columns=["frame", "image"]).to_pylist()
     assert all(r["image"] == (src / "images" / "train" / V1 / f"{r['frame']:06d}.jpg").read_bytes() for r in stored)
     test = load_frames(str(tmp_path / "out"), split="test")

@@ -1,6 +1,7 @@
 """Shared pieces of the dataset importers: reads that fail with the file's name and what is wrong, and boxes."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
@@ -54,3 +55,13 @@ def box_from_joints(xy: np.ndarray, visible: np.ndarray, margin: float, width: i
     lo = np.clip(pts.min(axis=0) - margin, 0, [width - 1, height - 1])
     hi = np.clip(pts.max(axis=0) + margin, 0, [width - 1, height - 1])
     return np.array([lo[0], lo[1], max(hi[0] - lo[0], 1.0), max(hi[1] - lo[1], 1.0)], np.float32)
+
+
+def read_json(path: Path):
+    """A JSON annotation file; a missing or malformed one is an error naming it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: annotation file is missing")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc

@@ -14,7 +14,6 @@ subsampling). Train S1, S5, S6, S7, S8; test S9, S11.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -22,22 +21,13 @@ import numpy as np
 
 from model.joints import H36M
 
-from .common import read_jpeg
+from .common import read_jpeg, read_json
 
 NAME = "h36m"
 JOINTS = H36M.joints
 FLIP_PAIRS = H36M.flip_pairs
 SPLITS = {1: "train", 5: "train", 6: "train", 7: "train", 8: "train", 9: "test", 11: "test"}
 FRAME_STRIDE = 5
-
-
-def _json(path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotation file is missing")
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def rows(src: Path) -> Iterator[dict]:
@@ -52,10 +42,10 @@ def rows(src: Path) -> Iterator[dict]:
 def _subject(src: Path, subject: int) -> Iterator[dict]:
     ann = src / "annotations"
     data_path = ann / f"Human36M_subject{subject}_data.json"
-    data = _json(data_path)
-    cameras = _json(ann / f"Human36M_subject{subject}_camera.json")
+    data = read_json(data_path)
+    cameras = read_json(ann / f"Human36M_subject{subject}_camera.json")
     joints_path = ann / f"Human36M_subject{subject}_joint_3d.json"
-    joints = _json(joints_path)
+    joints = read_json(joints_path)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise ValueError(f"{data_path}: expected COCO keys 'images' and 'annotations'")
     boxes = {a["image_id"]: a["bbox"] for a in data["annotations"]}

@@ -15,12 +15,12 @@ those two slots are emptied (0, 0, not visible) so they neither train nor score 
 nothing. v > 0 is visible. Annotations without keypoints or bbox (PoseTrack's head-box-only people) are skipped.
 
 TTP adapts on a person's unlabeled video, so each frame with is_labeled false becomes, for every track labeled in
-that video, an unlabeled row (all keypoints zero, as the shards mark extra frames) with the bbox of that track's
-nearest labeled frame.
+that video and labeled both before and after it, an unlabeled row (all keypoints zero, as the shards mark extra
+frames) with the bbox of that track's nearest labeled frame. Frames outside a track's labeled span are left out:
+there the person may have moved far from any known box, or left the picture.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +28,7 @@ import numpy as np
 
 from model.joints import COCO, COCO_JOINTS
 
-from .common import read_jpeg
+from .common import read_jpeg, read_json
 
 NAME = "posetrack"
 JOINTS = COCO_JOINTS
@@ -46,13 +46,6 @@ def rows(src: Path) -> Iterator[dict]:
         yield from _video(root, path, split)
 
 
-def _json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-
-
 def _head_slots(path: Path, categories) -> bool:
     """Whether the file names PoseTrack's head_bottom/head_top in COCO's eye slots; any other layout is refused."""
     names = next((tuple(c.get("keypoints", ())) for c in categories if c.get("name") == "person"), None)
@@ -66,7 +59,7 @@ def _head_slots(path: Path, categories) -> bool:
 
 
 def _video(root: Path, path: Path, split: str) -> Iterator[dict]:
-    d = _json(path)
+    d = read_json(path)
     if not isinstance(d, dict) or any(k not in d for k in ("images", "annotations", "categories")):
         raise ValueError(f"{path}: expected COCO keys 'images', 'annotations' and 'categories'")
     heads = _head_slots(path, d["categories"])
@@ -104,7 +97,8 @@ def _video(root: Path, path: Path, split: str) -> Iterator[dict]:
             people = [(t, *labeled[i, t]) for t in seen if (i, t) in labeled]
         else:
             people = [(t, np.zeros((len(JOINTS), 3), np.float32),
-                       labeled[min(fs, key=lambda f: (abs(f - i), f)), t][1]) for t, fs in seen.items()]
+                       labeled[min(fs, key=lambda f: (abs(f - i), f)), t][1]) for t, fs in seen.items()
+                      if fs[0] < i < fs[-1]]
         if not people:
             continue
         image, width, height = read_jpeg(root / im["file_name"])
