@@ -21,6 +21,7 @@ from flwr.clientapp import ClientApp
 
 from core.frames import FramesUnavailable, load_person_frames
 from data.shards import list_persons
+from model.joints import JointSet, JointSetMismatch, joint_set
 from store.protocol import BaseMismatch, blob_record, checkpoint_from_records, metric_record
 
 from .ttp_job import kept_base_reason, peak_rss_mb, run_ttp
@@ -34,24 +35,24 @@ class NodeDataError(ValueError):
     """This node cannot produce its person's frames."""
 
 
-def load_node_frames(data_path: str, person_id: str, num_joints: int) -> list:
+def load_node_frames(data_path: str, person_id: str, joints: JointSet) -> list:
     """The person's frames from a shards URL, an image folder or a video file."""
     if not data_path:
         raise NodeDataError("node config has no data-path")
     try:
-        return load_person_frames(data_path, person_id, num_joints)
-    except FramesUnavailable as exc:
+        return load_person_frames(data_path, person_id, joints)
+    except (FramesUnavailable, JointSetMismatch) as exc:
         raise NodeDataError(f"data-path: {exc}") from exc
 
 
-def resolve_person(context: Context, num_joints: int) -> tuple[str, list]:
+def resolve_person(context: Context, joints: JointSet) -> tuple[str, list]:
     """(person id, frames) for this node, from its node config (deployment) or partition id (simulation)."""
     node = context.node_config
     if "data-path" in node or "person-id" in node:
         person = str(node.get("person-id", "")).strip()
         if not person:
             raise NodeDataError("node config has a data-path but no person-id")
-        return person, load_node_frames(str(node.get("data-path", "")), person, num_joints)
+        return person, load_node_frames(str(node.get("data-path", "")), person, joints)
     if "partition-id" in node:
         url = str(context.run_config.get("data", ""))
         if not url:
@@ -63,7 +64,7 @@ def resolve_person(context: Context, num_joints: int) -> tuple[str, list]:
         pid = int(node["partition-id"])
         if pid >= len(persons):
             raise NodeDataError(f"partition {pid} has no test person ({len(persons)} in {url})")
-        return persons[pid], load_node_frames(url, persons[pid], num_joints)
+        return persons[pid], load_node_frames(url, persons[pid], joints)
     raise NodeDataError("node config names neither person-id/data-path nor partition-id")
 
 
@@ -93,7 +94,7 @@ def train(msg: Message, context: Context) -> Message:
         scenario = str(cfg_rec.get("scenario", "offline"))
         seed = int(cfg_rec.get("seed", cfg.ttp.seed))
         dtype = str(cfg_rec.get("delta-dtype", "int8"))
-        person, frames = resolve_person(context, cfg.model.num_joints)
+        person, frames = resolve_person(context, joint_set(cfg.model.joint_set))
         data, metrics, _ = run_ttp(ck, frames, scenario, cfg.ttp, seed, person, dtype)
         del frames
         metrics["download_bytes"] = download

@@ -12,6 +12,7 @@ from core.frames import load_person_frames
 from model import io
 from model.checkpoint import load_checkpoint
 from model.config import apply_overrides
+from model.joints import JointSet
 from model.predict import predict_crops
 from store.deltas import DeltaStore
 from store.policy import DeltaPolicy, check_person_id
@@ -20,16 +21,16 @@ from .overlay import write_overlay
 from .ttp_job import kept_base_reason, run_ttp
 
 
-def person_frames(args, num_joints: int) -> tuple[str, list]:
+def person_frames(args, joints: JointSet) -> tuple[str, list]:
     """(person id, frames) from --shards + --person, --images or --video."""
     if args.shards:
         if not args.person:
             raise ValueError("--shards needs --person ID")
-        return args.person, load_person_frames(args.shards, args.person, num_joints, "shards")
+        return args.person, load_person_frames(args.shards, args.person, joints, "shards")
     person = args.person or "me"
     if args.images:
-        return person, load_person_frames(args.images, person, num_joints, "folder")
-    return person, load_person_frames(args.video, person, num_joints, "video")
+        return person, load_person_frames(args.images, person, joints, "folder")
+    return person, load_person_frames(args.video, person, joints, "video")
 
 
 KEPT_BASE = 3  # exit status when a safeguard kept the base weights (no delta written or filed)
@@ -40,7 +41,7 @@ def main(args) -> int:
     its measured reason printed, and in the --json summary); bad input is refused before any work (exit 2)."""
     ck = load_checkpoint(args.checkpoint)
     cfg = apply_overrides(ck.config, args.overrides)
-    person, frames = person_frames(args, cfg.model.num_joints)
+    person, frames = person_frames(args, ck.joint_set)
     check_person_id(person)
     store = DeltaStore(args.store, DeltaPolicy.for_checkpoint(ck)) if args.store else None
     if store:

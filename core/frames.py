@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 
-from data.shards import Frame, list_persons, load_frames
+from data.shards import Frame, list_persons, load_frames, read_joint_set
 from data.sources import load_folder, load_video
+from model.joints import JointSet, JointSetMismatch, require_same
 
 SOURCES = ("shards", "folder", "video")
 
@@ -31,21 +32,23 @@ def source_kind(path: str) -> str:
     raise FramesUnavailable(f"{path!r} does not exist")
 
 
-def load_person_frames(path: str, person_id: str, num_joints: int, kind: str | None = None) -> list[Frame]:
-    """The person's frames from `path` (`kind` one of SOURCES; None: told by `source_kind`)."""
+def load_person_frames(path: str, person_id: str, joints: JointSet, kind: str | None = None) -> list[Frame]:
+    """The person's frames from `path` (`kind` one of SOURCES; None: told by `source_kind`) for a model predicting
+    `joints`: shards of another joint set are refused."""
     if not path:
         raise FramesUnavailable("no frames source given")
     try:
         kind = kind or source_kind(path)
         if kind == "shards":
+            require_same(joints, "the model", read_joint_set(path), f"shards {path}")
             frames = load_frames(path, person=person_id)
         elif kind == "folder":
-            frames = load_folder(path, person_id, num_joints)
+            frames = load_folder(path, person_id, joints.size)
         elif kind == "video":
-            frames = load_video(path, person_id, num_joints)
+            frames = load_video(path, person_id, joints.size)
         else:
             raise FramesUnavailable(f"unknown frames source {kind!r}; one of {SOURCES}")
-    except FramesUnavailable:
+    except (FramesUnavailable, JointSetMismatch):
         raise
     except (OSError, ValueError) as exc:
         raise FramesUnavailable(f"cannot read {path!r}: {exc}") from exc

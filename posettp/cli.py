@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="runs directory or s3:// URL (default: ./runs)")
     p.add_argument("--name", default=None, help="run name (default: the config's name)")
     p.add_argument("--resume", action="store_true", help="continue the run of this name from its latest checkpoint")
+    p.add_argument("--max-failures", type=int, default=None,
+                   help="worker-group restarts before giving up (default: 3, or POSETTP_MAX_FAILURES)")
     p.set_defaults(target="training.joint:main_from_args")
 
     p = sub.add_parser("personalize", help="TTP on one person, alone, no Flower (exit 3: a safeguard kept the base)")

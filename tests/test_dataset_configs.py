@@ -71,6 +71,12 @@ def test_a_13_joint_checkpoint_on_17_joint_data_is_refused_in_one_line(tmp_path,
     assert len(err.splitlines()) == 1, err
     assert f"checkpoint {ck} has the penn (13 joints) joint set but data {shards} has coco (17 joints)" in err, err
     print(f"\n{err}")
+    # personalization on a person of those shards: refused before any TTP
+    assert cli(["personalize", "--checkpoint", ck, "--shards", shards, "--person", "000003_bonn-t1", "--scenario",
+                "offline", "--out", str(tmp_path / "d.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"the model has the penn (13 joints) joint set but shards {shards} has coco (17 joints): "
+                        "they must be the same"), err
     # training: a config for 13 joints on these data is refused before Ray, naming both and the fix
     with pytest.raises(joint.TrainInputError, match=r"penn \(13 joints\) .* coco \(17 joints\).*set data.dataset"):
         _plan("synth_small", [f"data.url={shards}"], tmp_path / "runs")

@@ -688,7 +688,7 @@ def main_from_args(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="training/joint.py", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog="training/joint.py", description=__doc__.split("\n")[0], allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[2:]))
     p.add_argument("--config", required=True, help="a shipped config by name (synth_small, ...) or a YAML path")

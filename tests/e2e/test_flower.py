@@ -88,6 +88,7 @@ def test_simulation_stores_a_delta_per_person_equal_to_a_local_run(assets, tmp_p
     from model.checkpoint import load_checkpoint
     from model.predict import predict_crops
     from core.scoring import score
+    from model.joints import PENN
 
     n = assets["persons"]
     home, store = tmp_path / "flwr", tmp_path / "store"
@@ -137,8 +138,8 @@ def test_simulation_stores_a_delta_per_person_equal_to_a_local_run(assets, tmp_p
         stored_pred = predict_crops(model, crops, matrices)
         np.testing.assert_allclose(stored_pred[..., :2], result.predictions[..., :2], atol=1e-3)
         labeled = [i for i, f in enumerate(frames) if f.labeled]
-        a = score(stored_pred[labeled], [frames[i] for i in labeled], "synth")
-        b = score(result.predictions[labeled], [frames[i] for i in labeled], "synth")
+        a = score(stored_pred[labeled], [frames[i] for i in labeled], PENN)
+        b = score(result.predictions[labeled], [frames[i] for i in labeled], PENN)
         assert a == pytest.approx(b, abs=1e-9), (a, b)
         entry = summary["persons"][p]
         assert entry["metrics"]["frames"] == len(frames) and entry["metrics"]["steps"] == STEPS
