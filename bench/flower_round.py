@@ -61,7 +61,8 @@ def run(checkpoint: str, data: str, persons: int = 4, ttp_steps: int = 20) -> di
             "flower_client_ttp_s_sum": sum(p["metrics"]["ttp_seconds"] for p in summary["persons"].values()),
             "flower_round_overhead_s": round_s - sum(client_s) / parallel,
             "flower_round_overhead_pct": (round_s / (sum(client_s) / parallel) - 1) * 100,
-            "flower_delta_bytes_mean": summary["mean_delta_bytes"],
+            "flower_delta_bytes_mean": summary["mean_delta_bytes"], "flower_stored": summary["stored"],
+            "flower_verdicts": summary["rounds"][0]["verdicts"]["acknowledged"],
             "peak_rss_mb_flower_processes": rss.peak_mb}
 
 

@@ -5,7 +5,8 @@ warm: one person's model cached, sequential requests on a keep-alive connection 
 cold: first request of a person whose delta is not cached (>= 200 persons cycling through an LRU of 16:
       every request loads latest.json + the delta, validates and applies it; the base stays cached);
 throughput: N concurrent keep-alive clients on 3 warm persons;
-memory: PoseModel replica RSS after the first persons, after 16, and after cycling through all persons.
+memory: PoseModel replica RSS after the first persons, after 16, after 200 and after every person once (by distinct
+        persons served: it must stay bounded by the LRU, not grow with persons), and after each cold round.
 
 Run: .venv/bin/python -m bench.serve_latency [--persons 200 --lru 16 --image-size 64 --auth] [--num-gpus 1]
      [--config configs/synth_paper.yaml] [--flip-test]
@@ -142,14 +143,20 @@ def run(args) -> dict:
                    cached_persons_after_lru=h["cached_persons"],
                    person_mb=round(h["cached_bytes"] / max(h["cached_persons"], 1) / 2**20, 3))
 
-        # cold: cycle through all persons (each request misses the LRU), a few rounds; RSS after each
+        # cold: cycle through all persons (each request misses the LRU), a few rounds; RSS after each, and in the
+        # first round after 200 and after all distinct persons
         cold_ms, rss_rounds = [], []
-        for _ in range(args.rounds):
-            for pid in persons[args.lru:] + persons[:args.lru]:
+        rss_by_persons = {args.lru: out["rss_mb_after_lru_persons"]}
+        for r in range(args.rounds):
+            for i, pid in enumerate(persons[args.lru:] + persons[:args.lru]):
                 ms, ans = c.pose(pid, body)
                 assert ans["model_version"] != "base", ans
                 cold_ms.append(ms)
+                distinct = args.lru + i + 1
+                if r == 0 and (distinct == 200 or distinct == len(persons)):
+                    rss_by_persons[distinct] = round(c.get("/healthz")["rss_bytes"] / 2**20, 1)
             rss_rounds.append(round(c.get("/healthz")["rss_bytes"] / 2**20, 1))
+        out["rss_mb_by_distinct_persons"] = rss_by_persons
         out["rss_mb_after_each_round"] = rss_rounds
         h = c.get("/healthz")
         out.update(cold_p50_ms=round(pct(cold_ms, 50), 2), cold_p99_ms=round(pct(cold_ms, 99), 2),

@@ -191,8 +191,9 @@ def wait_for_nodes(grid: Grid, min_nodes: int, wait_s: float) -> list[int]:
         time.sleep(1.0)
 
 
-def send_verdicts(grid: Grid, entries: list[dict], rnd: int, timeout: float) -> None:
-    """Tell each node that answered what became of its delta (stored / refused + reason)."""
+def send_verdicts(grid: Grid, entries: list[dict], rnd: int, timeout: float) -> dict:
+    """Tell each node that answered what became of its delta (stored / refused + reason); returns
+    {"sent", "acknowledged"} for the round's summary."""
     msgs = []
     for e in entries:
         if not e.get("answered"):  # timed out, or the SuperLink answered for it: nobody to tell
@@ -201,14 +202,14 @@ def send_verdicts(grid: Grid, entries: list[dict], rnd: int, timeout: float) -> 
                             "reason": str(e.get("reason", ""))[:2000], "version": str(e.get("version", ""))})
         msgs.append(Message(RecordDict({"verdict": rec}), dst_node_id=e["node_id"], message_type=VERDICT,
                             group_id=f"{rnd}-verdict", ttl=max(timeout, 10.0)))
-    if not msgs:
-        return
-    try:
-        acks = list(grid.send_and_receive(msgs, timeout=timeout))
-        log.info("round %d: %d/%d nodes acknowledged their verdict", rnd, sum(not a.has_error() for a in acks),
-                 len(msgs))
-    except Exception as exc:  # verdicts are a courtesy; the store is already final
-        log.warning("round %d: sending verdicts failed: %s", rnd, exc)
+    acknowledged = 0
+    if msgs:
+        try:
+            acknowledged = sum(not a.has_error() for a in grid.send_and_receive(msgs, timeout=timeout))
+            log.info("round %d: %d/%d nodes acknowledged their verdict", rnd, acknowledged, len(msgs))
+        except Exception as exc:  # verdicts are a courtesy; the store is already final
+            log.warning("round %d: sending verdicts failed: %s", rnd, exc)
+    return {"sent": len(msgs), "acknowledged": acknowledged}
 
 
 def fedavg(ck: Checkpoint, deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -315,12 +316,12 @@ def run_federation(grid: Grid, context: Context) -> dict:
             entries += [{"node_id": n, "person_id": None, "status": "timeout", "bytes": 0,
                          "reason": f"no reply within {settings.round_timeout:.0f}s"} for n in nodes if n not in answered]
             round_s = time.perf_counter() - tr
-            send_verdicts(grid, entries, rnd, settings.verdict_timeout)
+            verdicts = send_verdicts(grid, entries, rnd, settings.verdict_timeout)
             counts = {s: sum(e["status"] == s for e in entries)
                       for s in ("stored", "refused", "unchanged", "failed", "timeout")}
             log.info("round %d: %s in %.1fs", rnd, counts, round_s)
             rinfo = {"round": rnd, "nodes": len(nodes), "seconds": round_s, "download_bytes_per_client": download,
-                     "counts": counts, "base_sha256": ck.sha256}
+                     "counts": counts, "verdicts": verdicts, "base_sha256": ck.sha256}
             for e in entries:
                 e = {k: v for k, v in e.items() if k != "_data"}
                 key = e["person_id"] if e["person_id"] and e.get("bound", True) else f"node-{e['node_id']}"

@@ -376,6 +376,7 @@ class PersonModels:
         self._live = weakref.WeakSet()  # the cached persons (the LRU drops them)
         self._live_lock = threading.Lock()
         self.base_bytes = sum(t.numel() * t.element_size() for t in self.base.state_dict().values())
+        self.loads = 0  # person models built here: with the LRU's hits, the cache-hit ratio across replicas
 
     # -- building ------------------------------------------------------------------------------
 
@@ -387,6 +388,7 @@ class PersonModels:
     def load(self, person_id: str) -> PersonModel:
         """Build a person's model from the store (base when there is no delta or it is refused)."""
         check_person_id(person_id)
+        self.loads += 1
         t0 = time.perf_counter()
         try:
             record = self.store.latest(person_id)
@@ -483,7 +485,15 @@ class PersonModels:
         with self._live_lock:
             live = list(self._live)
         return {"cached_persons": len(live), "cached_bytes": sum(e.memory_bytes for e in live),
-                "base_bytes": self.base_bytes, "rss_bytes": rss_bytes()}
+                "base_bytes": self.base_bytes, "rss_bytes": rss_bytes(), "person_loads": self.loads}
+
+
+def _replica_id() -> str:
+    """This Serve replica's id ("" outside a replica, as in the colocated unit tests)."""
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - no replica context
+        return ""
 
 
 def rss_bytes() -> int:
@@ -566,12 +576,12 @@ class PoseModel:
     async def info(self, person_id: str | None = None) -> dict:
         entry = await self._person(person_id)
         return {**entry.describe(), "base_sha256": self.models.sha256,
-                "replica": {**self.models.stats(), "lru_size": self.lru_size}}
+                "replica": {**self.models.stats(), "lru_size": self.lru_size, "id": _replica_id()}}
 
     async def health(self) -> dict:
         return {"base_sha256": self.models.sha256, "image_size": self.models.image_size, "device": self.device,
                 "num_joints": len(self.models.names), "flip_test": self.models.base.cfg.flip_test,
-                **self.models.stats(), "lru_size": self.lru_size}
+                **self.models.stats(), "lru_size": self.lru_size, "replica": _replica_id()}
 
 
 api = FastAPI(title="posettp pose API", version="1")
