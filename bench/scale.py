@@ -25,12 +25,27 @@ from pathlib import Path
 
 from bench import flower_round, serve_latency
 from bench.common import machine
-from model.checkpoint import load_checkpoint
+from model.checkpoint import load_checkpoint, state_bytes
+from model.config import load_config
+from model.network import build_model
 from store.deltas import DeltaStore
 from store.policy import DeltaPolicy
 from tests.fixtures_serve import ServeProcess, make_checkpoint, make_delta, make_image, write_serve_config
 
 OUT = Path("bench/scale.json")
+
+
+def delta_bytes(configs=("synth_small", "synth_paper", "penn_res50")) -> dict:
+    """Bytes of a full (encoder + self-head) delta in each dtype, and of the checkpoint's weights, per config:
+    measured by encoding a perturbed copy of each untrained model (sizes do not depend on training)."""
+    out = {}
+    for name in configs:
+        cfg = load_config(name)
+        model = build_model(cfg.model)
+        sizes = {dtype: len(make_delta(model, "0" * 64, "p0", seed=0, dtype=dtype)) for dtype in ("fp32", "fp16", "int8")}
+        out[name] = {"checkpoint_bytes": len(state_bytes(model)), **{f"delta_{k}_bytes": v for k, v in sizes.items()},
+                     "params": sum(p.numel() for p in model.parameters())}
+    return out
 
 
 def replica_loads(client: serve_latency.Client, replicas: int, tries: int = 200) -> dict[str, int]:
@@ -111,6 +126,8 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     out: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     t0 = time.perf_counter()
+    out["delta_bytes"] = delta_bytes()
+    print(f"[scale] delta bytes: {json.dumps(out['delta_bytes'])}", flush=True)
     serve = serve_latency.run(serve_latency.parser().parse_args(["--persons", str(a.persons), "--rounds", "2"]))
     out.update(serve_persons=a.persons, serve_lru=serve["lru"], serve_rss_mb=serve["rss_mb_by_distinct_persons"],
                serve_warm_p50_ms=serve["warm_p50_ms"], serve_warm_p99_ms=serve["warm_p99_ms"],
