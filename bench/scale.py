@@ -10,7 +10,8 @@
 3. Ray across two nodes (`bench.multinode`): Train workers on both, the second node killed mid-run, the run
    resumed from its last checkpoint.
 
-Writes bench/scale.json. Run: .venv/bin/python -m bench.scale [--persons 1000] [--fl-persons 50] [--skip-ray]
+Writes bench/scale.json. Run: .venv/bin/python -m bench.scale [--persons 1000] [--fl-persons 50]
+[--parts deltas,serve,replicas,fl,ray]
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from store.policy import DeltaPolicy
 from tests.fixtures_serve import ServeProcess, make_checkpoint, make_delta, make_image, write_serve_config
 
 OUT = Path("bench/scale.json")
+PARTS = ("deltas", "serve", "replicas", "fl", "ray")
 
 
 def delta_bytes(configs=("synth_small", "synth_paper", "penn_res50")) -> dict:
@@ -122,35 +124,40 @@ def main(argv=None) -> None:
     p.add_argument("--persons", type=int, default=1000, help="persons in the store of the one-replica run")
     p.add_argument("--fl-persons", type=int, default=50, help="clients in the simulated Flower round")
     p.add_argument("--checkpoint", default=None, help="a trained checkpoint for the Flower round (else untrained)")
-    p.add_argument("--skip-ray", action="store_true", help="leave out the two-node Ray run")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help="which parts to run; the others keep their figures from an earlier run in bench/scale.json")
     a = p.parse_args(argv)
-    out: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-    t0 = time.perf_counter()
-    out["delta_bytes"] = delta_bytes()
-    print(f"[scale] delta bytes: {json.dumps(out['delta_bytes'])}", flush=True)
-    serve = serve_latency.run(serve_latency.parser().parse_args(["--persons", str(a.persons), "--rounds", "2"]))
-    out.update(serve_persons=a.persons, serve_lru=serve["lru"], serve_rss_mb=serve["rss_mb_by_distinct_persons"],
-               serve_warm_p50_ms=serve["warm_p50_ms"], serve_warm_p99_ms=serve["warm_p99_ms"],
-               serve_cold_p50_ms=serve["cold_p50_ms"], serve_cold_p99_ms=serve["cold_p99_ms"],
-               serve_rps=serve["throughput_rps"], serve_cold_requests=serve["cold_requests"],
-               serve_delta_setup_s=serve["delta_setup_s"], serve_person_mb=serve["person_mb"])
-    print(f"[scale] serve, {a.persons} persons: {json.dumps({k: v for k, v in out.items() if k.startswith('serve')})}",
-          flush=True)
-    out.update(two_replica_hit_ratio())
-    print(f"[scale] two replicas: hit ratio {out['serve_two_replica_hit_ratio']} "
-          f"({out['two_replica_loads']} loads in {out['two_replica_requests']} requests)", flush=True)
-    out.update(fl_round(a.fl_persons, a.checkpoint))
-    print(f"[scale] Flower, {a.fl_persons} persons: {json.dumps({k: v for k, v in out.items() if k.startswith('fl')})}",
-          flush=True)
-    if not a.skip_ray:
-        from bench import multinode  # lazy: starts two Ray nodes
+    parts = a.parts.split(",")
+    if set(parts) - set(PARTS):
+        p.error(f"--parts: choose from {','.join(PARTS)}")
+    out: dict = json.loads(OUT.read_text()) if OUT.is_file() and set(parts) != set(PARTS) else {}
+    out["machine"] = machine()
+    measured = out.setdefault("measured_at", {})
+    for part in parts:
+        t0 = time.perf_counter()
+        if part == "deltas":
+            got = {"delta_bytes": delta_bytes()}
+        elif part == "serve":
+            r = serve_latency.run(serve_latency.parser().parse_args(["--persons", str(a.persons), "--rounds", "2"]))
+            got = dict(serve_persons=a.persons, serve_lru=r["lru"], serve_rss_mb=r["rss_mb_by_distinct_persons"],
+                       serve_warm_p50_ms=r["warm_p50_ms"], serve_warm_p99_ms=r["warm_p99_ms"],
+                       serve_cold_p50_ms=r["cold_p50_ms"], serve_cold_p99_ms=r["cold_p99_ms"],
+                       serve_rps=r["throughput_rps"], serve_cold_requests=r["cold_requests"],
+                       serve_delta_setup_s=r["delta_setup_s"], serve_person_mb=r["person_mb"],
+                       serve_rss_mb_after_each_cold_round=r["rss_mb_after_each_round"])
+        elif part == "replicas":
+            got = two_replica_hit_ratio()
+        elif part == "fl":
+            got = fl_round(a.fl_persons, a.checkpoint)
+        else:
+            from bench import multinode  # lazy: starts two Ray nodes
 
-        ray = multinode.run()
-        out.update(ray)
-        print(f"[scale] Ray: {json.dumps(ray)}", flush=True)
-    out["wall_s"] = round(time.perf_counter() - t0, 1)
+            got = multinode.run()
+        out.update(got)
+        measured[part] = {"at": time.strftime("%Y-%m-%d %H:%M:%S"), "wall_s": round(time.perf_counter() - t0, 1)}
+        print(f"[scale] {part} ({measured[part]['wall_s']:.0f} s): {json.dumps(got)}", flush=True)
     OUT.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"[scale] done in {out['wall_s'] / 60:.1f} min: {OUT}")
+    print(f"[scale] wrote {OUT}")
 
 
 if __name__ == "__main__":

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run of this name from its latest checkpoint")
     p.add_argument("--max-failures", type=int, default=None,
                    help="worker-group restarts before giving up (default: 3, or POSETTP_MAX_FAILURES)")
+    p.add_argument("--placement", choices=["PACK", "SPREAD"], default="PACK",
+                   help="where Ray puts the workers: PACK fills a node first, SPREAD one per node where it can "
+                        "(both fall back to what fits; default PACK)")
     p.set_defaults(target="training.joint:main_from_args")
 
     p = sub.add_parser("personalize", help="TTP on one person, alone, no Flower (exit 3: a safeguard kept the base)")

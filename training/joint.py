@@ -77,6 +77,7 @@ FAULT_MARKER = ".fault-injected"
 FORWARDED_ENV = ("AWS_", "POSETTP_", "FSSPEC_")
 TAG = "[joint]"  # the project's lines: the ones the terminal shows when Ray's own output goes to the log
 RAY_LOG = "ray.log"
+PLACEMENTS = ("PACK", "SPREAD")  # soft strategies: after a node is lost the worker group still fits on the rest
 
 
 class TrainInputError(ValueError):
@@ -234,6 +235,9 @@ def train_worker(config: dict) -> None:
     cfg = from_dict(config["cfg"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # one line per rank and start: which Ray node holds it (`ray list nodes` shows the same ids)
+    print(f"[joint] rank {rank}/{world} on node {ray.get_runtime_context().get_node_id()} "
+          f"({ray.util.get_node_ip_address()}, pid {os.getpid()})", flush=True)
     device = ray.train.torch.get_device()
     cuda = device.type == "cuda"
 
@@ -351,6 +355,7 @@ class Plan:
     resume_step: int = 0
     fail_at_step: int | None = None
     max_failures: int = MAX_FAILURES
+    placement: str = "PACK"  # Ray's placement-group strategy for the worker group
     env: dict = field(default_factory=dict)
 
 
@@ -441,6 +446,9 @@ def plan_run(args) -> Plan:
     plan.fail_at_step = int(fail) if fail else None
     max_failures = getattr(args, "max_failures", None)
     plan.max_failures = MAX_FAILURES if max_failures is None else max_failures
+    plan.placement = getattr(args, "placement", None) or "PACK"
+    if plan.placement not in PLACEMENTS:
+        raise TrainInputError(f"--placement must be one of {', '.join(PLACEMENTS)}, got {plan.placement!r}")
     plan.env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV)}
     return plan
 
@@ -583,7 +591,7 @@ def run_trainer(plan: Plan, worker_fn=None, verbose: bool = True):
         failure_config=FailureConfig(max_failures=plan.max_failures),
         worker_runtime_env={"env_vars": plan.env} if plan.env else None)
     print(f"[joint] run {plan.run}: {workers} worker(s), {'GPU' if use_gpu else 'CPU'} {per_worker}, "
-          f"{layout.backend}, "
+          f"{layout.backend}, {plan.placement} placement, "
           f"storage {plan.run_url}, {plan.cfg.train.max_steps} steps of batch {plan.cfg.train.batch_size} per worker"
           + (f", resuming at step {plan.resume_step}" if plan.resume_from else ""), flush=True)
     with tempfile.TemporaryDirectory(prefix="posettp-pg-") as rendezvous:
@@ -591,7 +599,8 @@ def run_trainer(plan: Plan, worker_fn=None, verbose: bool = True):
                         else TorchConfig(backend=layout.backend))
         trainer = TorchTrainer(worker_fn, train_loop_config=loop_config, torch_config=torch_config,
                                scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                                            resources_per_worker=per_worker),
+                                                            resources_per_worker=per_worker,
+                                                            placement_strategy=plan.placement),
                                run_config=run_config)
         return _fit(trainer, local)
 
@@ -701,6 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run of this name from its latest checkpoint")
     p.add_argument("--max-failures", type=int, default=None,
                    help=f"worker-group restarts before giving up (default {MAX_FAILURES})")
+    p.add_argument("--placement", choices=PLACEMENTS, default="PACK",
+                   help="where Ray puts the workers: PACK fills a node first, SPREAD one per node where it can "
+                        "(both fall back to what fits; default PACK)")
     p.add_argument("--verbose", action="store_true", help="show Ray's own output here instead of in {run}/ray.log")
     return p
 
