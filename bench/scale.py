@@ -44,7 +44,8 @@ def delta_bytes(configs=("synth_small", "synth_paper", "penn_res50")) -> dict:
     for name in configs:
         cfg = load_config(name)
         model = build_model(cfg.model)
-        sizes = {dtype: len(make_delta(model, "0" * 64, "p0", seed=0, dtype=dtype)) for dtype in ("fp32", "fp16", "int8")}
+        sizes = {dtype: len(make_delta(model, "0" * 64, "p0", seed=0, dtype=dtype))
+                 for dtype in ("fp32", "fp16", "int8")}
         out[name] = {"checkpoint_bytes": len(state_bytes(model)), **{f"delta_{k}_bytes": v for k, v in sizes.items()},
                      "params": sum(p.numel() for p in model.parameters())}
     return out

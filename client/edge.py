@@ -77,7 +77,8 @@ def main(args) -> int:
     if args.overlay:
         crops, matrices, _ = prepare_frames(frames, cfg.model.image_size)
         base = predict_crops(ck.model, crops, matrices)
-        print(f"wrote overlay, base | personalized: {write_overlay(frames, result.predictions, args.overlay, ck.joint_set, base)}")
+        written = write_overlay(frames, result.predictions, args.overlay, ck.joint_set, base)
+        print(f"wrote overlay, base | personalized: {written}")
     if args.json_out:
         io.write_bytes_atomic(args.json_out, io.json_text(summary).encode())
     return KEPT_BASE if summary["outcome"] == "kept_base" else 0

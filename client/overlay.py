@@ -1,8 +1,8 @@
 """Draw predicted joints on the original frames, at a size people can read, and write them as a video or PNGs.
 
 Small frames (a 64-pixel synthetic person, a thumbnail) are upscaled so that the shorter side is READABLE pixels
-before drawing; the bones are the joint set's, left limbs blue, right orange. With the base model's predictions beside the personalized ones,
-each frame is a side-by-side: what personalization changed, frame by frame.
+before drawing; the bones are the joint set's, left limbs blue, right orange. With the base model's predictions
+beside the personalized ones, each frame is a side-by-side: what personalization changed, frame by frame.
 """
 from __future__ import annotations
 

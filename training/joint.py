@@ -520,7 +520,7 @@ def _fit(trainer, local: bool):
     waits, without a deadline, for its controller to abort (minutes on a loaded machine), so the fit runs in a
     thread (where Ray Train leaves signals alone) and the signal stops the whole private Ray at once; the run's
     reported checkpoints stay, for --resume. A cluster the user named keeps Ray Train's graceful abort."""
-    if not local:
+    if not local or threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         return trainer.fit()
     outcome: dict = {}
 

@@ -24,7 +24,8 @@ SMALL = ["model.backbone=small", "model.image_size=64", "loss.perceptual=none", 
 def _posettp(*args: str, env=None, timeout: float = 300) -> subprocess.CompletedProcess:
     res = subprocess.run([str(VENV_BIN / "posettp"), *args], cwd=REPO, env=env, capture_output=True, text=True,
                          timeout=timeout)
-    assert res.returncode == 0, f"posettp {args[0]} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    assert res.returncode == 0, \
+        f"posettp {args[0]} exited {res.returncode}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     return res
 
 
@@ -46,7 +47,8 @@ def test_posetrack_imported_trained_evaluated_personalized_and_served_with_coco_
     print(ev.stdout.strip().splitlines()[-1])
     person = list_persons(shards, "test")[0]
     _posettp("personalize", "--checkpoint", run, "--shards", shards, "--person", person, "--scenario", "offline",
-             "--store", str(store), "--set", "ttp.steps=3", "--set", "ttp.min_pose_signal=0", "--set", "ttp.guard=false")
+             "--store", str(store), "--set", "ttp.steps=3", "--set", "ttp.min_pose_signal=0",
+             "--set", "ttp.guard=false")
 
     config = write_serve_config(str(tmp_path / "serve.yaml"), replicas=1, num_cpus=1, auth=False)
     server = ServeProcess(run, str(store), config, str(tmp_path / "serve.log"))
