@@ -1,8 +1,8 @@
 """Synthetic persons benchmark (`posettp synth`): each person is a domain.
 
 No real pose dataset can be downloaded here, so persons are rendered: a model
-trained on `train` persons meets unseen `test` persons whose appearance comes
-from shifted distributions (see `look.py` for what each shift component does),
+trained on `train` persons meets unseen `val` and `test` persons whose appearance
+comes from shifted distributions (see `look.py` for what each shift component does),
 which is the situation test-time personalization exists for.
 
 Determinism: person `index` of `split` is seeded from (seed, split, index), and
@@ -16,8 +16,8 @@ persons, the number a +3 PCK mean TTP effect needs to be seen. With `--split
 train|val|test` all N persons come from that split's distribution.
 
 Per person: `videos` labeled videos of `frames` frames (`v0`, `v1`, ...), each
-with its own motion and camera; test persons also get `extra_frames` unlabeled
-frames from further videos (`extra-vK`: all keypoints zero, bbox kept, as a
+with its own motion and camera; val and test persons also get `extra_frames` unlabeled
+frames from further videos (val persons too) (`extra-vK`: all keypoints zero, bbox kept, as a
 detector would give), for Fig. 4-style experiments.
 """
 from __future__ import annotations
@@ -54,6 +54,9 @@ CALIBRATION = {
 DEFAULT_VIDEOS = 3
 DEFAULT_EXTRA_FRAMES = 200
 SPLITS = ("train", "val", "test")
+# Persons settings are chosen on (val) must meet the shift the reported persons (test) meet: both are drawn from the
+# shifted distributions, with the same extra unlabeled frames; only train persons are not.
+SHIFTED = ("val", "test")
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 # Penn skeleton for drawing: head to the shoulders' midpoint is handled separately.
 _BONES = ((1, 3), (3, 5), (2, 4), (4, 6), (1, 2), (7, 8), (1, 7), (2, 8), (7, 9), (9, 11), (8, 10), (10, 12))
@@ -64,7 +67,7 @@ class SynthConfig:
     size: int = 128
     frames: int = 40  # per video
     videos: int = DEFAULT_VIDEOS
-    extra_frames: int = DEFAULT_EXTRA_FRAMES  # test persons only
+    extra_frames: int = DEFAULT_EXTRA_FRAMES  # val and test persons only
     shift: Shift = field(default_factory=lambda: Shift.from_strength(DEFAULT_STRENGTH))
     seed: int = 0
 
@@ -83,10 +86,10 @@ def person_id(seed: int, split: str, index: int) -> str:
 
 
 def make_person(cfg: SynthConfig, split: str, index: int) -> Person:
-    """The person's look, motion style and static scene; only test persons are shifted."""
+    """The person's look, motion style and static scene; validation and test persons are shifted alike."""
     # separate streams, so the shift (which changes what the look and scene draw) never changes motion or size
     look_rng, style_rng, scene_rng = np.random.default_rng([cfg.seed, _SPLIT_CODE[split], index]).spawn(3)
-    shift = cfg.shift if split == "test" else Shift()
+    shift = cfg.shift if split in SHIFTED else Shift()
     look = make_look(look_rng, NOMINAL, shift)
     style = {"amp": style_rng.uniform(0.75, 1.2), "speed": style_rng.uniform(0.8, 1.25),
              "arm_abd": style_rng.uniform(4, 14), "stance": style_rng.uniform(2, 8), "slouch": style_rng.uniform(0, 8),
@@ -101,9 +104,9 @@ def make_person(cfg: SynthConfig, split: str, index: int) -> Person:
 
 
 def person_frames(cfg: SynthConfig, split: str, index: int) -> Iterator[SynthFrame]:
-    """All frames of one person: labeled videos, then (test persons) the unlabeled extra videos."""
+    """All frames of one person: labeled videos, then (val and test persons) the unlabeled extra videos."""
     person = make_person(cfg, split, index)
-    extra = cfg.extra_frames if split == "test" else 0
+    extra = cfg.extra_frames if split in SHIFTED else 0
     n_videos = cfg.videos + math.ceil(extra / cfg.frames)
     for k in range(n_videos):
         view_rng, motion_rng = np.random.default_rng([cfg.seed, _SPLIT_CODE[split], index, k]).spawn(2)
