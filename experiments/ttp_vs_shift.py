@@ -25,7 +25,7 @@ from data.shards import read_manifest
 from data.synth import main as synth_main
 from data.synth.look import Shift
 from model.config import from_dict
-from training.reproduce import Experiment, compute_in_parallel, paired
+from training.reproduce import Experiment, compute_in_parallel, gain_summary, paired
 
 SCENARIOS = ("online", "offline")
 ALL_COMPONENTS = "clothing,body,background"
@@ -87,11 +87,10 @@ def summarize(exp: Experiment, seeds: int) -> dict:
     row = {"baseline": mean_pck("baseline"), "transformer": mean_pck("transformer")}
     for scenario in SCENARIOS:
         runs = [evals["transformer", s, scenario] for s in range(seeds)]
-        per_seed = [paired(evals["transformer", s, "none"], run) for s, run in enumerate(runs)]
-        diffs = np.concatenate(per_seed)
-        row[scenario] = {"gain_mean": float(diffs.mean()), "gain_se": float(diffs.std(ddof=1) / np.sqrt(len(diffs))),
-                         "per_seed": [float(d.mean()) for d in per_seed], "worst": float(diffs.min()),
-                         "persons_worse_1pck": int((diffs < -0.01).sum()), "pairs": int(len(diffs)),
+        pairs = [(evals["transformer", s, "none"], run) for s, run in enumerate(runs)]
+        summary = gain_summary(pairs, "pck@0.2")  # its standard error is clustered by person
+        row[scenario] = {**summary, "per_seed": [float(paired(*p, "pck@0.2").mean()) for p in pairs],
+                         "worst": summary["pair_gain_min"],
                          "guard_events": int(sum(r["ttp"]["guard_events"] for run in runs for r in run["persons"]))}
     return row
 

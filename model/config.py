@@ -282,6 +282,17 @@ class TTPConfig:
                                                "prediction in the TTP loss; 0 = off")
     pseudo_label_agreement: float = research(0.0, "pseudo-labels only for joints whose two views decode at most "
                                                   "this many heatmap px apart; 0 = every joint")
+    recon_weight: float = research(1.0, "weight of the paper's reconstruction loss in the TTP loss; 0 drops it "
+                                        "(another term must then be on)")
+    teacher_weight: float = research(0.0, "weight of self-training toward a weight-averaged teacher's prediction "
+                                          "averaged over augmentations (CoTTA's pseudo-label); 0 = off")
+    teacher_momentum: float = research(0.99, "the teacher's exponential moving average of the adapted weights, "
+                                             "per update")
+    restore: float = research(0.0, "share of the adapted weights restored to the base after each update, drawn "
+                                   "at random (CoTTA's stochastic restore); 0 = off")
+    temporal_agreement: float = research(0.0, "online, with the teacher: pseudo-labels only for joints whose "
+                                              "teacher prediction moved at most this many heatmap px since the "
+                                              "previous frame of the video; 0 = every joint")
 
     @property
     def drift_radius(self) -> float:
@@ -385,9 +396,18 @@ def _validate(cfg: Config) -> None:
     if cfg.model.num_joints != JOINT_SETS[cfg.model.joint_set].size:
         raise ConfigError(f"model.num_joints is {cfg.model.num_joints} but the {cfg.model.joint_set} joint set has "
                           f"{JOINT_SETS[cfg.model.joint_set].size} joints")
-    for key in ("flip_weight", "pseudo_label_weight", "pseudo_label_agreement"):
+    for key in ("flip_weight", "pseudo_label_weight", "pseudo_label_agreement", "recon_weight", "teacher_weight",
+                "temporal_agreement"):
         if getattr(cfg.ttp, key) < 0:
             raise ConfigError(f"ttp.{key} must be >= 0 (0 = off), got {getattr(cfg.ttp, key)}")
+    for key in ("teacher_momentum", "restore"):
+        if not 0 <= getattr(cfg.ttp, key) < 1:
+            raise ConfigError(f"ttp.{key} must be in [0, 1), got {getattr(cfg.ttp, key)}")
+    if not (cfg.ttp.recon_weight or cfg.ttp.teacher_weight or cfg.ttp.pseudo_label_weight or cfg.ttp.flip_weight):
+        raise ConfigError("ttp.recon_weight is 0 and no other TTP term is on: the update would have no loss")
+    if cfg.ttp.temporal_agreement and not cfg.ttp.teacher_weight:
+        raise ConfigError("ttp.temporal_agreement gates the teacher's pseudo-labels (ttp.teacher_weight), which is "
+                          "0: set both")
     if cfg.ttp.pseudo_label_agreement and not cfg.ttp.pseudo_label_weight:
         raise ConfigError("ttp.pseudo_label_agreement gates the pseudo-labels of ttp.pseudo_label_weight, which is 0: "
                           "set both")

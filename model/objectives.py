@@ -86,12 +86,18 @@ def mirror_pseudo_labels(h_sup: torch.Tensor, mirrored: torch.Tensor, sigma: flo
     own, other = h_sup.float(), mirrored.float()
     with torch.no_grad():
         coords, _ = decode(0.5 * (own + other))
-        goal = gaussian_maps(coords, own.shape[-1], sigma)
-        keep = 1.0
-        if agreement:
-            keep = ((decode(own)[0] - decode(other)[0]).norm(dim=-1) <= agreement).float()
-    error = (own - goal).square() + (other - goal).square()
-    return 0.5 * (error.mean((-2, -1)) * keep).mean()
+        keep = ((decode(own)[0] - decode(other)[0]).norm(dim=-1) <= agreement).float() if agreement else None
+    return 0.5 * (sharp_pseudo_labels(own, coords, sigma, keep) + sharp_pseudo_labels(other, coords, sigma, keep))
+
+
+def sharp_pseudo_labels(h_sup: torch.Tensor, coords: torch.Tensor, sigma: float,
+                        keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared distance of heatmaps (B, J, h, h) to sharp Gaussians (peak 1, `sigma`) at detached heatmap
+    coordinates (B, J, 2); `keep` (B, J) or (J,) of 0/1 masks joints out. Every pseudo-label term ends here: its
+    target stays sharp, so lower, flatter maps are no way to lower it."""
+    goal = gaussian_maps(coords.detach(), h_sup.shape[-1], sigma)
+    error = (h_sup.float() - goal).square().mean((-2, -1))
+    return (error if keep is None else error * keep).mean()
 
 
 def self_weight(model: PoseTTPNet, lam: float, rotation_weight: float) -> float:

@@ -21,6 +21,12 @@ itself); `pseudo_label_weight` (0 = off) adds self-training toward the flip test
 +3.6 PCK offline, +2.7 online), only for the joints whose two views agree within `pseudo_label_agreement` heatmap
 pixels when that is set (0.5 px halved the validation persons losing more than a point).
 
+`teacher_weight` (0 = off) is CoTTA's recipe: the pseudo-label is a weight-averaged teacher's (an exponential moving
+average of the adapted weights, `teacher_momentum`) prediction averaged over scaled, rotated and mirrored views
+(`predict.augmented_heatmaps`); `restore` returns that share of the adapted weights, drawn at random, to the base
+after each update; online, `temporal_agreement` keeps the joints whose teacher prediction moved little since the
+previous frame. `recon_weight` 0 drops the paper's reconstruction from the loss.
+
 Label-free safeguards (beyond the paper), two on by default:
 - the pose-signal check: before adapting, swap the keypoints between the frames of a
   probe batch; if the base model's reconstruction loss hardly rises (< `min_pose_signal`),
@@ -54,9 +60,9 @@ from .config import TTPConfig
 from .heatmaps import DECODERS
 from .losses import ReconstructionLoss
 from .network import PoseTTPNet
-from .objectives import flip_consistency, mirror_pseudo_labels, pose_signal, self_loss
+from .objectives import flip_consistency, mirror_pseudo_labels, pose_signal, self_loss, sharp_pseudo_labels
 from .precision import autocast
-from .predict import mirrored_heatmaps, predict_crops
+from .predict import augmented_heatmaps, mirrored_heatmaps, predict_crops
 from .joints import joint_set
 
 NORM_TYPES = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
@@ -139,7 +145,11 @@ class _Adapter:
         self.cfg = cfg
         self.frozen_appearance = "appearance" not in cfg.adapt
         self.mirror_terms = bool(cfg.flip_weight or cfg.pseudo_label_weight)
-        self.flip_perm = joint_set(base.cfg.joint_set).flip_permutation() if self.mirror_terms else None
+        self.flip_perm = joint_set(base.cfg.joint_set).flip_permutation() \
+            if self.mirror_terms or cfg.teacher_weight else None
+        self.teacher = copy.deepcopy(self.model) if cfg.teacher_weight else None
+        self.teacher_params = [dict(self.teacher.named_parameters())[n] for n, _ in adapted] if self.teacher else []
+        self.restores = torch.Generator().manual_seed(seed + 104729)  # the stochastic restore's draws
         self.seed = seed
         self.rotations = torch.Generator().manual_seed(seed)  # the update steps' draws (rotation variant)
         self.guard_events = 0
@@ -159,13 +169,29 @@ class _Adapter:
 
     def reset(self) -> None:
         self.model.load_state_dict(self.base_state)
+        if self.teacher is not None:
+            self.teacher.load_state_dict(self.base_state)
         self.optimizer = torch.optim.Adam(self.params, lr=self.cfg.lr)
         self.good_state = None
 
-    def loss(self, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-        out = self.loss_model.pose(target) if self.mirror_terms else {}
-        loss, _ = self_loss(self.loss_model, self.recon_loss, target, source, h_self=out.get("h_self"),
-                            frozen_appearance=self.frozen_appearance, update_means=False, rotations=self.rotations)
+    def teacher_labels(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's view-averaged prediction of `images`: heatmap coordinates (B, J, 2) and maps."""
+        maps = augmented_heatmaps(self.teacher, images, self.flip_perm)
+        return DECODERS[self.teacher.cfg.decode](maps)[0], maps
+
+    def loss(self, target: torch.Tensor, source: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The TTP loss of one batch of pairs; `keep` (J,) masks the teacher's pseudo-labels (temporal gate)."""
+        out = self.loss_model.pose(target) if self.mirror_terms or self.teacher is not None else {}
+        loss = out["h_sup"].new_zeros(()) if out else target.new_zeros(())
+        if self.cfg.recon_weight:
+            recon, _ = self_loss(self.loss_model, self.recon_loss, target, source, h_self=out.get("h_self"),
+                                 frozen_appearance=self.frozen_appearance, update_means=False,
+                                 rotations=self.rotations)
+            loss = loss + self.cfg.recon_weight * recon
+        if self.teacher is not None:
+            coords, _ = self.teacher_labels(target)
+            loss = loss + self.cfg.teacher_weight * sharp_pseudo_labels(out["h_sup"], coords,
+                                                                        self.loss_model.cfg.sigma, keep)
         if self.mirror_terms:
             h_sup, mirrored = out["h_sup"], mirrored_heatmaps(self.loss_model, target, self.flip_perm)
             if self.cfg.flip_weight:
@@ -176,21 +202,38 @@ class _Adapter:
                     h_sup, mirrored, model_cfg.sigma, DECODERS[model_cfg.decode], self.cfg.pseudo_label_agreement)
         return loss
 
-    def step(self, target: torch.Tensor, source: torch.Tensor) -> float:
+    def step(self, target: torch.Tensor, source: torch.Tensor, keep: torch.Tensor | None = None) -> float:
         if self.stopped:
             return float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, self.cfg.amp):
-            loss = self.loss(*self._laid_out((target, source)))
+            loss = self.loss(*self._laid_out((target, source)), keep=keep)
         if not torch.isfinite(loss):
             self._rollback("collapse guard", f"the self-supervised loss is {float(loss)}")
             return float("nan")
         loss.backward()
         self.optimizer.step()
         self.updates += 1
+        if self.cfg.restore:
+            self._restore()
         if self.cfg.drift_steps:
             self._project()
+        if self.teacher is not None:
+            self._average()
         return float(loss.detach())
+
+    @torch.no_grad()
+    def _restore(self) -> None:
+        """Return a random `restore` share of the adapted weights to their base values."""
+        for p, anchor in zip(self.params, self.anchors):
+            back = torch.rand(p.shape, generator=self.restores) < self.cfg.restore
+            p[back.to(p.device)] = anchor[back.to(anchor.device)]
+
+    @torch.no_grad()
+    def _average(self) -> None:
+        """The teacher's weights: an exponential moving average of the adapted ones."""
+        for t, p in zip(self.teacher_params, self.params):
+            t.lerp_(p, 1.0 - self.cfg.teacher_momentum)
 
     @torch.no_grad()
     def _project(self) -> None:
@@ -273,6 +316,17 @@ class _Adapter:
         else:
             self.model.load_state_dict(self.base_state)
         self.stopped = True
+
+
+@torch.no_grad()
+def temporal_keep(adapter: _Adapter, crops: torch.Tensor, groups: np.ndarray, t: int) -> torch.Tensor:
+    """Online: 1 for the joints whose teacher prediction moved at most `temporal_agreement` heatmap px from frame
+    t-1 to frame t (same video; the crops follow the person, so a joint that jumps is a guess), else 0."""
+    if groups[t - 1] != groups[t]:
+        return torch.ones(adapter.base.cfg.num_joints)
+    coords, _ = adapter.teacher_labels(crops[t - 1:t + 1].to(adapter.device).contiguous(
+        memory_format=adapter.layout))
+    return ((coords[1] - coords[0]).norm(dim=-1) <= adapter.cfg.temporal_agreement).float()
 
 
 def _draw(pool: np.ndarray, k: int, gen: torch.Generator) -> np.ndarray:
@@ -361,9 +415,10 @@ def personalize(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, crops:
                 adapter.reset()
             # adapt once the pose signal allows it and an earlier frame of this video exists
             if adapter.signal_allows(t + 1, lambda: probe(t + 1)) and (groups[:t] == groups[t]).any():
+                keep = temporal_keep(adapter, crops, groups, t) if cfg.temporal_agreement else None
                 for _ in range(cfg.iters):
                     target, source = pairs(np.full(bs, t), t, gen)
-                    losses.append(adapter.step(target, source))
+                    losses.append(adapter.step(target, source, keep))
                 if cfg.guard and (t + 1) % cfg.guard_window == 0:
                     if t + 1 >= 2 * probe_limit:  # redrawn as the stream doubles: the base is measured log2(n) times
                         probe_limit = t + 1

@@ -1,8 +1,11 @@
 """Inference: crop -> network -> decode -> original image coordinates, in one place for every caller."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .heatmaps import DECODERS, heatmap_to_image
 from .network import PoseTTPNet
@@ -14,6 +17,41 @@ def mirrored_heatmaps(model: PoseTTPNet, images: torch.Tensor, perm) -> torch.Te
     """Supervised heatmaps of the mirrored `images`, mirrored back with left and right swapped (`perm`): the
     heatmaps' pixel-centre grid mirrors exactly onto itself, so they line up with those of `images`."""
     return model.pose(images.flip(-1))["h_sup"].flip(-1)[:, perm]
+
+
+# (scale, degrees) of the views a teacher's pseudo-label averages, each with its mirror: CoTTA's augmentation mean,
+# at the scales and rotations joint training draws from
+TEACHER_VIEWS = ((1.0, 0.0), (0.9, 0.0), (1.1, 0.0), (1.0, 15.0), (1.0, -15.0))
+
+
+def _similarity(scale: float, degrees: float, batch: int, like: torch.Tensor) -> torch.Tensor:
+    a = math.radians(degrees)
+    theta = torch.tensor([[math.cos(a) * scale, -math.sin(a) * scale, 0.0],
+                          [math.sin(a) * scale, math.cos(a) * scale, 0.0]], dtype=like.dtype, device=like.device)
+    return theta.expand(batch, 2, 3)
+
+
+def _warp(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, align_corners=False)
+
+
+@torch.no_grad()
+def augmented_heatmaps(model: PoseTTPNet, images: torch.Tensor, perm, views=TEACHER_VIEWS) -> torch.Tensor:
+    """The supervised heatmaps of `images` averaged over views: each view scales and rotates the images about their
+    centre, adds its mirror (`perm` swaps left and right), and is mapped back onto the images' heatmap grid (the
+    normalised coordinates of `affine_grid` are the same for the image and its quarter-size heatmaps)."""
+    total = 0.0
+    for scale, degrees in views:
+        identity = scale == 1.0 and degrees == 0.0
+        theta = _similarity(scale, degrees, len(images), images)
+        seen = images if identity else _warp(images, theta)
+        maps = 0.5 * (model.pose(seen)["h_sup"].float() + mirrored_heatmaps(model, seen, perm).float())
+        if not identity:  # the view shows the image at x where theta x was: its maps go back by the inverse
+            inverse = torch.linalg.inv(torch.cat([theta[0], theta.new_tensor([[0.0, 0.0, 1.0]])]))[:2]
+            maps = _warp(maps, inverse.expand(len(images), 2, 3))
+        total = total + maps
+    return total / len(views)
 
 
 @torch.no_grad()

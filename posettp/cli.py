@@ -140,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/reproduce", help="models, evaluations (a resumable cache) and outputs")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per model")
     p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="table1's rows, comma-separated; baseline is always needed")
+                   help="table1's rows, comma-separated (with baseline, each row's (+Δ) is against it)")
+    p.add_argument("--eval-data", default=None,
+                   help="persons to evaluate and personalize on (their data.test_split), when not data.url's: "
+                        "validation persons of their own seed, say; the models still train on data.url")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                    help="worker processes for the models and evaluations")
     _device_arg(p)

@@ -59,11 +59,13 @@ def test_background_is_static_within_a_video():
     assert checked > 3000
 
 
-def test_test_persons_come_from_the_shifted_distribution():
+@pytest.mark.parametrize("split", ["test", "val"])
+def test_test_and_validation_persons_come_from_the_shifted_distribution(split):
+    """Settings are chosen on validation persons: they must meet the test persons' shift, not the training look."""
     full = SynthConfig(size=64, frames=4, shift=Shift.from_strength(1.0))
     none = SynthConfig(size=64, frames=4, shift=Shift.from_strength(0.0))
     train = [make_person(full, "train", i) for i in range(12)]
-    test = [make_person(full, "test", i) for i in range(12)]
+    test = [make_person(full, split, i) for i in range(12)]
     assert all(p.scene_family in TRAIN_SCENES for p in train) and all(p.scene_family in SHIFT_SCENES for p in test)
     assert all(p.look.shirt.family in TRAIN_TEXTURES and p.look.pants.family in TRAIN_TEXTURES for p in train)
     assert all(p.look.shirt.family in SHIFT_TEXTURES and p.look.pants.family in SHIFT_TEXTURES for p in test)
@@ -129,7 +131,8 @@ def test_cli_writes_shards_manifest_and_contact_sheet(tmp_path):
     assert m["splits"]["test"] == {"persons": 1, "frames": 20, "labeled_frames": 12}
     assert read_table(out).schema.equals(SCHEMA)
     assert list_persons(out, "test") == [person_id(1, "test", 0)]
+    assert m["splits"]["val"] == {"persons": 1, "frames": 20, "labeled_frames": 12}  # extra frames, as test's
     frames = load_frames(out, split="val")
-    assert len(frames) == 12 and frames[0].image.shape == (64, 64, 3)
+    assert len(frames) == 20 and frames[0].image.shape == (64, 64, 3)
     sheet = cv2.imread(str(tmp_path / "synth" / "contact_sheet.png"))
     assert sheet is not None and sheet.shape[0] >= 3 * 128

@@ -10,7 +10,7 @@ from core.checkpoints import build_recon_loss
 from model.config import load_config
 from model.delta import apply_delta, decode_and_validate, deltable_keys, encode_delta, extract_delta
 from model.network import build_model
-from model.personalize import adaptable_parameters, draw_sources, personalize
+from model.personalize import _Adapter, adaptable_parameters, draw_sources, personalize
 from model.predict import predict_crops
 
 
@@ -53,7 +53,9 @@ def setup():
     return cfg, model, recon, crops, matrices, groups
 
 
-@pytest.mark.parametrize("mirror_term", [{}, {"flip_weight": 100.0}, {"pseudo_label_weight": 100.0}])
+@pytest.mark.parametrize("mirror_term", [{}, {"flip_weight": 100.0}, {"pseudo_label_weight": 100.0},
+                                         {"teacher_weight": 100.0, "restore": 0.01},
+                                         {"teacher_weight": 100.0, "recon_weight": 0.0}])
 def test_only_encoder_and_self_head_non_norm_parameters_change(setup, mirror_term):
     """Also with the mirror terms, whose gradients reach the encoder through the frozen pose head."""
     cfg, model, recon, crops, matrices, groups = setup
@@ -75,13 +77,30 @@ def test_only_encoder_and_self_head_non_norm_parameters_change(setup, mirror_ter
                     assert torch.equal(result.state[key], before[key]), f"norm affine {key} changed"
 
 
-def test_online_never_looks_at_future_frames(setup):
+@pytest.mark.parametrize("terms", [{}, {"teacher_weight": 100.0, "temporal_agreement": 1.0, "restore": 0.01}])
+def test_online_never_looks_at_future_frames(setup, terms):
     cfg, model, recon, crops, matrices, groups = setup
-    a = personalize(model, recon, crops, matrices, groups, cfg.ttp, "online", seed=3)
+    ttp = dataclasses.replace(cfg.ttp, **terms)
+    a = personalize(model, recon, crops, matrices, groups, ttp, "online", seed=3)
     future_changed = crops.clone()
     future_changed[8:] = torch.rand(4, 3, 64, 64)
-    b = personalize(model, recon, future_changed, matrices, groups, cfg.ttp, "online", seed=3)
+    b = personalize(model, recon, future_changed, matrices, groups, ttp, "online", seed=3)
     np.testing.assert_array_equal(a.predictions[:8], b.predictions[:8])
+
+
+def test_the_teacher_averages_the_student_and_restore_returns_weights_to_the_base(setup):
+    """The teacher trails the student (an average of its weights), and with every weight restored after each
+    update but the last's the delta is that of one update at most."""
+    cfg, model, recon, crops, matrices, groups = setup
+    ttp = dataclasses.replace(cfg.ttp, teacher_weight=100.0, teacher_momentum=0.5)
+    adapter = _Adapter(model, recon, ttp, seed=0)
+    target, source = crops[:4], crops[4:8]
+    adapter.step(target, source)
+    for t, p, anchor in zip(adapter.teacher_params, adapter.params, adapter.anchors):
+        torch.testing.assert_close(t, 0.5 * (p + anchor))  # one update, momentum 0.5: halfway
+    restored = _Adapter(model, recon, dataclasses.replace(ttp, restore=0.999999), seed=0)
+    restored.step(target, source)
+    assert all(torch.equal(p, anchor) for p, anchor in zip(restored.params, restored.anchors))
 
 
 def test_each_person_starts_from_identical_base_weights(setup):

@@ -49,18 +49,25 @@ def test_table1_trains_every_variant_and_resumes_from_its_cache(toy):
     for variant, row in result.items():
         assert set(row) == ({"none"} if variant == "baseline" else {"none", "online", "offline"})
         assert 0 <= row["none"]["pck@0.2_mean"] <= 1
-    assert result["transformer"]["offline"]["pairs"] == 2  # 2 test persons x 1 seed, paired
-    assert result["transformer"]["offline"]["persons"] == 2
-    assert "- transformer offline: each person's gain (mean over seeds)" in printed
+    offline = result["transformer"]["offline"]
+    assert offline["vs_flip_tested"]["pairs"] == 2 and offline["vs_plain"]["persons"] == 2  # 2 test persons x 1 seed
+    # without the flip test in the run, its TTP gain over the plain model is the paired gain over "w/o TTP"
+    assert offline["vs_plain"]["gain_mean"] == pytest.approx(offline["pck@0.2_mean"] - row_none(result))
+    assert "| transformer | offline |" in printed and "| method | scenario | vs flip-tested model |" in printed
+    assert "- transformer offline: each person's gain over the flip-tested model (mean over seeds)" in printed
     assert json.loads((out / "config.json").read_text())["train"]["max_steps"] == 2
     cached = sorted((out / "models").glob("*/model.safetensors")) + sorted((out / "evals").glob("*.json"))
-    assert len(cached) == 4 + 1 + 3 * 3  # models; baseline w/o TTP, 3 variants x 3 scenarios
+    assert len(cached) == 4 + 4 * 2 + 3 * 2  # models; w/o TTP with and without the flip test; 3 variants x 2 TTP
     stamps = [p.stat().st_mtime_ns for p in cached]
     table = printed.split("\ntable1:")[0]
     assert reproduce("table1").split("\ntable1:")[0] == table
     assert [p.stat().st_mtime_ns for p in cached] == stamps, "a resumed run retrained or re-evaluated"
     refused = reproduce("table1", "train.max_steps=3", ok=False)
     assert "made with other settings (train.max_steps); use another --out" in refused
+
+
+def row_none(result: dict) -> float:
+    return result["transformer"]["none"]["pck@0.2_mean"]
 
 
 def test_inference_settings_reuse_the_models_and_evaluate_again(toy):
@@ -74,14 +81,21 @@ def test_inference_settings_reuse_the_models_and_evaluate_again(toy):
         return {p.name for p in (out / "evals").glob("*.json")}
 
     dark = evaluations()
-    assert dark and all("-dark" in name and "-fliptest" not in name for name in dark)
-    for override, named in (("model.decode=quarter", lambda name: "-dark" not in name and "-fliptest" not in name),
-                            ("model.flip_test=true", lambda name: "-dark-fliptest" in name)):
-        before = evaluations()
-        reproduce("table1", override)
-        assert {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/model.safetensors")} == models
-        new = evaluations() - before
-        assert len(new) == len(dark) and all(named(name) for name in new), (override, new)
+    assert dark and all("-dark" in name for name in dark)
+    ttp = {name for name in dark if "-online" in name or "-offline" in name}
+    assert ttp and not any("-fliptest" in name for name in ttp)  # the run's inference: no flip test
+    # without TTP each model is scored both ways: the flip-tested model is what a TTP gain is measured against
+    assert {n.replace("-fliptest", "") for n in dark - ttp if "-fliptest" in n} == dark - ttp - {
+        n for n in dark - ttp if "-fliptest" in n}
+    before = evaluations()
+    reproduce("table1", "model.decode=quarter")  # every evaluation again, named apart
+    new = evaluations() - before
+    assert len(new) == len(dark) and not any("-dark" in name for name in new)
+    before = evaluations()
+    reproduce("table1", "model.flip_test=true")  # only the TTP evaluations are new: the rest are cached
+    new = evaluations() - before
+    assert len(new) == len(ttp) and all("-dark-fliptest" in name for name in new), new
+    assert {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/model.safetensors")} == models
     assert json.loads((out / "config.json").read_text())["model"]["flip_test"] is True
 
 
@@ -92,8 +106,28 @@ def test_table1_of_chosen_variants_trains_only_those(toy, tmp_path):
     assert "| transformer |" in printed and "| shared_rotation |" not in printed
     assert set(json.loads((out / "table1.json").read_text())["results"]) == {"baseline", "transformer"}
     assert sorted(p.name for p in (out / "models").iterdir()) == ["baseline-s0", "transformer-s0"]
-    refused = reproduce("table1", to=tmp_path / "none", flags=("--variants", "transformer"), ok=False)
-    assert "variants must include baseline" in refused
+    alone = reproduce("table1", to=out, flags=("--variants", "transformer"))
+    assert "| transformer |" in alone and "| baseline |" not in alone and "(+" not in alone.split("| transformer |")[1]
+
+
+def test_other_persons_are_evaluated_apart_with_the_same_models(toy, tmp_path):
+    """--eval-data: validation persons of their own seed are personalized on, the models trained once."""
+    reproduce, _ = toy
+    out = tmp_path / "val"
+    val = tmp_path / "val-persons"
+    posettp("synth", "--out", str(val), "--split", "val", "--persons", "2", "--frames", "6", "--size", "64",
+            "--extra-frames", "12", "--seed", "5")
+    on_test = reproduce("table1", to=out, flags=("--variants", "transformer"))
+    models = {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/model.safetensors")}
+    evals = {p.name for p in (out / "evals").glob("*.json")}
+    on_val = reproduce("table1", "data.test_split=val", to=out, flags=("--variants", "transformer",
+                                                                       "--eval-data", str(val)))
+    assert f"({val}, split val)" in on_val and "split test" in on_test
+    assert {p: p.stat().st_mtime_ns for p in (out / "models").glob("*/model.safetensors")} == models
+    new = {p.name for p in (out / "evals").glob("*.json")} - evals
+    assert len(new) == len(evals) and all("-p" in name for name in new)
+    persons = {r["person_id"] for name in new for r in json.loads((out / "evals" / name).read_text())["persons"]}
+    assert persons == {"s5-val-0000", "s5-val-0001"}
 
 
 def test_parallel_jobs_compute_what_a_serial_run_computes(toy, tmp_path):

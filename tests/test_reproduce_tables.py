@@ -1,7 +1,9 @@
 """The statistics `posettp reproduce` prints, on hand-made evaluations (fast: no model)."""
 import pytest
 
-from training.reproduce import gains_per_person
+import numpy as np
+
+from training.reproduce import gain_summary, gains_per_person
 
 
 def evaluation(pck: dict[str, float]) -> dict:
@@ -15,3 +17,16 @@ def test_gains_per_person_average_each_persons_gain_over_the_seeds():
     assert gains == pytest.approx({"a": (-0.03 + 0.02) / 2, "b": (0.02 + 0.03) / 2})
     # person a loses 3 points on the first seed, but half a point over the seeds: not a person worse by > 1
     assert gains["a"] > -0.01
+
+
+def test_gain_summary_clusters_its_standard_error_by_person():
+    """Two persons, three seeds: the per-seed gains of a person are alike, so treating the six pairs as
+    independent would shrink the standard error; the summary's is that of the two per-person means."""
+    without = [evaluation({"a": 0.50, "b": 0.50})] * 3
+    with_ttp = [evaluation({"a": 0.52 + d, "b": 0.56 + d}) for d in (0.0, 0.001, -0.001)]
+    summary = gain_summary(list(zip(without, with_ttp)), "pck@0.2")
+    assert summary["gain_mean"] == pytest.approx(0.04)
+    assert summary["gain_se"] == pytest.approx(0.02)  # std (ddof 1) of 0.02 and 0.06 over sqrt(2)
+    assert summary["persons"] == 2 and summary["pairs"] == 6 and summary["persons_worse_1pck_over_seeds"] == 0
+    pairs_se = np.std([0.02, 0.021, 0.019, 0.06, 0.061, 0.059], ddof=1) / np.sqrt(6)
+    assert summary["gain_se"] > 1.5 * pairs_se

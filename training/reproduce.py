@@ -56,32 +56,43 @@ class Experiment:
     """Shared state of one reproduce run: config, data, cached models."""
 
     def __init__(self, cfg: Config, out: Path, seeds: int, worker: bool = False, variants=VARIANTS,
-                 device: str = "auto"):
+                 device: str = "auto", eval_data: str | None = None):
         """`worker`: one of `compute_in_parallel`'s processes, silent; the run itself records and checks --out.
         `variants`: Table 1's rows (a subset costs less: a longer-training run of two variants fits where four
-        do not); the baseline is always one, every (+Δ) is against it. `device`: where models train and
-        evaluate (`model.device.pick_device`); each model and evaluation records it."""
-        if "baseline" not in variants or not set(variants) <= set(VARIANTS):
-            raise ValueError(f"variants must include baseline and come from {VARIANTS}, got {list(variants)}")
+        do not); with the baseline among them, each row's (+Δ) is against it. `device`: where models train and
+        evaluate (`model.device.pick_device`); each model and evaluation records it. `eval_data`: the persons
+        evaluated and personalized on (their `data.test_split`) when they are not data.url's: validation persons
+        of their own seed, say; the models still train on data.url, and one --out holds every set's evaluations."""
+        if not variants or not set(variants) <= set(VARIANTS):
+            raise ValueError(f"variants must come from {VARIANTS}, got {list(variants)}")
         self.cfg, self.out, self.seeds, self.progress = cfg, out, seeds, not worker
         self.device = pick_device(device)
         self.variants = tuple(v for v in VARIANTS if v in variants)
         self.data_url = cfg.data.url
+        self.eval_url = eval_data or cfg.data.url
         self.joints = joint_set(cfg.model.joint_set)
         self.metric = self.joints.headline  # what every table reports: the joint set's metric
         self.label = self.metric.upper().replace("MACC", "mAcc")
-        require_same(self.joints, f"the config (data.dataset {cfg.data.dataset})", read_joint_set(self.data_url),
-                     f"data {self.data_url}")
-        # decoding and the flip test are inference only: cached models are reused whatever they are, their
-        # evaluations are not
-        self.inference_tag = ("" if cfg.model.decode == "quarter" else f"-{cfg.model.decode}") + \
-            ("-fliptest" if cfg.model.flip_test else "")
+        for url in dict.fromkeys((self.data_url, self.eval_url)):
+            require_same(self.joints, f"the config (data.dataset {cfg.data.dataset})", read_joint_set(url),
+                         f"data {url}")
+        # evaluations of other persons than data.url's test split are named apart
+        persons = (self.eval_url, cfg.data.test_split)
+        self.persons_tag = "" if persons == (self.data_url, "test") else \
+            "-p" + hashlib.sha1(json.dumps(persons).encode()).hexdigest()[:8]
         self._train_frames = None
         self._test = None
         if not worker:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.json").write_text(cfg.to_json())
             self._refuse_stale_cache()
+
+    def inference_tag(self, flip_test: bool | None = None) -> str:
+        """Decoding and the flip test are inference only: cached models are reused whatever they are, their
+        evaluations are not (the tag names them). `flip_test` overrides the run's."""
+        flip = self.cfg.model.flip_test if flip_test is None else flip_test
+        return ("" if self.cfg.model.decode == "quarter" else f"-{self.cfg.model.decode}") + \
+            ("-fliptest" if flip else "")
 
     def training_config(self, variant: str, seed: int) -> Config:
         return _with(self.cfg, [f"model.variant={variant}", f"train.seed={seed}"])
@@ -96,23 +107,25 @@ class Experiment:
             stale = [f"{section}.{k}" for section in ("model", "loss", "train", "data")
                      for k, v in getattr(wanted, section).__dict__.items()
                      if getattr(getattr(trained, section), k) != v
-                     and not (section == "model" and k in INFERENCE_ONLY)]
+                     and not (section == "model" and k in INFERENCE_ONLY)
+                     and not (section == "data" and k == "test_split")]
             if stale:
                 raise ValueError(f"{meta.parent} was made with other settings ({', '.join(stale)}); "
                                  "use another --out for these")
 
     def test_persons(self) -> dict[str, list]:
         if self._test is None:
-            self._test = labeled_person_frames(self.data_url, self.cfg.data.test_split)
+            self._test = labeled_person_frames(self.eval_url, self.cfg.data.test_split)
             if not self._test:
-                raise ValueError(f"{self.data_url}: no labeled test persons")
+                raise ValueError(f"{self.eval_url}: no labeled persons in split {self.cfg.data.test_split!r}")
         return self._test
 
     def model_path(self, variant: str, seed: int) -> Path:
         return self.out / "models" / f"{variant}-s{seed}"
 
-    def model(self, variant: str, seed: int):
-        """Train (or reuse) one variant/seed; returns (model, recon_loss, cfg)."""
+    def model(self, variant: str, seed: int, flip_test: bool | None = None):
+        """Train (or reuse) one variant/seed; returns (model, recon_loss, cfg), predicting with this run's
+        inference settings (`flip_test` overrides the run's)."""
         path = self.model_path(variant, seed)
         if not (path / "model.safetensors").is_file():
             if self._train_frames is None:
@@ -127,6 +140,8 @@ class Experiment:
         ck = load_checkpoint(str(path))
         for name in INFERENCE_ONLY:  # the model's cfg: it predicts as this run says
             setattr(ck.config.model, name, getattr(self.cfg.model, name))
+        if flip_test is not None:
+            ck.config.model.flip_test = flip_test
         model, recon = model_with_loss(ck, self.device)
         return model, recon, ck.config
 
@@ -135,17 +150,19 @@ class Experiment:
         ttp = _with(self.cfg, list(overrides)).ttp
         return ttp, "-" + hashlib.sha1(json.dumps(dataclasses.asdict(ttp), sort_keys=True).encode()).hexdigest()[:8]
 
-    def evaluation(self, variant: str, seed: int, scenario: str, tag: str = "", ttp_overrides=()) -> dict:
+    def evaluation(self, variant: str, seed: int, scenario: str, tag: str = "", ttp_overrides=(),
+                   flip_test: bool | None = None) -> dict:
         """Per-person scores (cached) of one model under one scenario.
 
         TTP runs with this run's `ttp` settings (not those stored with the model), and they are part of the
         cache key: re-running with another `--set ttp.*` evaluates again instead of returning stale results.
+        `flip_test` overrides the run's inference (Table 1 scores the model without TTP both ways).
         """
         ttp, _ = self.ttp(ttp_overrides)
-        path = self.evaluation_path(variant, seed, scenario, tag, ttp_overrides)
+        path = self.evaluation_path(variant, seed, scenario, tag, ttp_overrides, flip_test)
 
         def compute():
-            model, recon, cfg = self.model(variant, seed)
+            model, recon, cfg = self.model(variant, seed, flip_test)
             cfg = dataclasses.replace(cfg, ttp=ttp)
             rows = []
             t0 = time.perf_counter()
@@ -158,7 +175,8 @@ class Experiment:
                     "seconds": time.perf_counter() - t0, "device": str(self.device)}
         return _cached(path, compute)
 
-    def evaluation_path(self, variant: str, seed: int, scenario: str, tag: str = "", ttp_overrides=()) -> Path:
+    def evaluation_path(self, variant: str, seed: int, scenario: str, tag: str = "", ttp_overrides=(),
+                        flip_test: bool | None = None) -> Path:
         """A tag names an evaluation under TTP overrides; overrides that change nothing name the run's own one
         (Table 2's one-update guarded cell is Table 1's online evaluation when the config runs one update with
         the guard), so it is computed once."""
@@ -167,7 +185,8 @@ class Experiment:
             ttp, key = self.ttp(ttp_overrides)
             if ttp == self.ttp()[0]:
                 tag = ""
-        return self.out / "evals" / f"{variant}-s{seed}-{scenario}{tag}{self.inference_tag}{key}.json"
+        return self.out / "evals" / \
+            f"{variant}-s{seed}-{scenario}{tag}{self.inference_tag(flip_test)}{key}{self.persons_tag}.json"
 
 
 def _with(cfg: Config, overrides: list[str]) -> Config:
@@ -192,56 +211,85 @@ def gains_per_person(pairs: list[tuple[dict, dict]], key: str) -> dict[str, floa
     return {person: float(np.mean(g)) for person, g in gains.items()}
 
 
+def gain_summary(pairs: list[tuple[dict, dict]], key: str) -> dict:
+    """The paired gain of (without, with) evaluation pairs, one per training seed, with its uncertainty by person:
+    a person's gains correlate across seeds, so the person x seed pairs are not independent samples. The mean and
+    standard error are over the per-person means (a standard error clustered by person); the pair counts are kept
+    beside them."""
+    person = np.array(list(gains_per_person(pairs, key).values()))
+    diffs = np.concatenate([paired(without, with_, key) for without, with_ in pairs])
+    return {"gain_mean": float(person.mean()),
+            "gain_se": float(person.std(ddof=1) / np.sqrt(len(person))) if len(person) > 1 else 0.0,
+            "persons": int(len(person)), "person_gain_min": float(person.min()),
+            "person_gain_max": float(person.max()), "persons_worse_1pck_over_seeds": int((person < -0.01).sum()),
+            "pairs": int(len(diffs)), "pair_gain_min": float(diffs.min()),
+            "persons_worse_1pck": int((diffs < -0.01).sum())}
+
+
 def mean_std(values) -> str:
     values = np.asarray(values, dtype=float) * 100
     return f"{values.mean():.1f} ± {values.std():.1f}" if len(values) > 1 else f"{values.mean():.1f}"
 
 
+def _points(summary: dict) -> str:
+    return f"{summary['gain_mean'] * 100:+.1f} ± {summary['gain_se'] * 100:.1f}"
+
+
 def table1(exp: Experiment) -> dict:
-    results, lines, spread = {}, [], []
+    """The paper's Table 1, and each TTP gain against the best inference without personalization: the same model
+    with the flip test (TTP evaluations predict with the run's `model.flip_test`; with it on, the flip test is on
+    both sides), with the gain over the plain model beside it."""
+    results, lines, gains, spread = {}, [], [], []
     seeds = range(exp.seeds)
-    base_means = [np.mean([r[exp.metric] for r in exp.evaluation("baseline", s, "none")["persons"]]) for s in seeds]
+    mean = lambda e: np.mean([r[exp.metric] for r in e["persons"]])  # noqa: E731
+    base_means = [mean(exp.evaluation("baseline", s, "none")) for s in seeds] if "baseline" in exp.variants else []
     lines.append("| method | w/o TTP | online TTP | offline TTP |")
     lines.append("| --- | --- | --- | --- |")
     for variant in exp.variants:
         row, cells = {}, []
         without = [exp.evaluation(variant, s, "none") for s in seeds]
+        flip = [exp.evaluation(variant, s, "none", flip_test=True) for s in seeds]
+        plain = [exp.evaluation(variant, s, "none", flip_test=False) for s in seeds]
         for scenario in SCENARIOS:
             if variant == "baseline" and scenario != "none":
                 cells.append("–")
                 continue
             evals = without if scenario == "none" else [exp.evaluation(variant, s, scenario) for s in seeds]
-            means = [np.mean([r[exp.metric] for r in e["persons"]]) for e in evals]
-            delta_base = np.mean(means) - np.mean(base_means)
+            means = [mean(e) for e in evals]
             entry = {f"{exp.metric}_mean": float(np.mean(means)), f"{exp.metric}_std": float(np.std(means)),
-                     "per_seed": [float(m) for m in means], "vs_baseline": float(delta_base)}
+                     "per_seed": [float(m) for m in means]}
+            cell = mean_std(means)
+            if base_means:
+                entry["vs_baseline"] = float(np.mean(means) - np.mean(base_means))
+                cell += f" ({entry['vs_baseline'] * 100:+.1f})"
             if scenario != "none":
-                diffs = np.concatenate([paired(w, e, exp.metric) for w, e in zip(without, evals)])
-                person = np.array(list(gains_per_person(list(zip(without, evals)), exp.metric).values()))
-                entry.update(gain_mean=float(diffs.mean()), gain_se=float(diffs.std(ddof=1) / np.sqrt(len(diffs))),
-                             gain_min=float(diffs.min()), gain_max=float(diffs.max()),
-                             persons_worse_1pck=int((diffs < -0.01).sum()), pairs=int(len(diffs)),
-                             person_gain_min=float(person.min()), person_gain_max=float(person.max()),
-                             persons_worse_1pck_over_seeds=int((person < -0.01).sum()), persons=int(len(person)),
+                vs_flip, vs_plain = (gain_summary(list(zip(ref, evals)), exp.metric) for ref in (flip, plain))
+                entry.update(vs_flip_tested=vs_flip, vs_plain=vs_plain,
                              guard_events=int(sum(r.get("ttp", {}).get("guard_events", 0)
                                                   for e in evals for r in e["persons"])))
-                spread.append(f"{variant} {scenario}: each person's gain (mean over seeds) "
-                              f"{entry['person_gain_min'] * 100:+.1f} to {entry['person_gain_max'] * 100:+.1f}, "
-                              f"{entry['persons_worse_1pck_over_seeds']} of {len(person)} persons lose > 1 point; "
-                              f"{entry['persons_worse_1pck']} of {len(diffs)} person x seed pairs do")
+                cell += f" [TTP {_points(vs_flip)}]"
+                gains.append(f"| {variant} | {scenario} | {_points(vs_flip)} | {_points(vs_plain)} | "
+                             f"{vs_flip['person_gain_min'] * 100:+.1f} | {vs_flip['persons_worse_1pck_over_seeds']} "
+                             f"of {vs_flip['persons']} | {vs_flip['persons_worse_1pck']} of {vs_flip['pairs']} |")
+                spread.append(f"{variant} {scenario}: each person's gain over the flip-tested model (mean over seeds)"
+                              f" {vs_flip['person_gain_min'] * 100:+.1f} to {vs_flip['person_gain_max'] * 100:+.1f}")
             row[scenario] = entry
-            cell = f"{mean_std(means)} ({delta_base * 100:+.1f})"
-            if scenario != "none":
-                cell += f" [TTP {entry['gain_mean'] * 100:+.1f} ± {entry['gain_se'] * 100:.1f}]"
             cells.append(cell)
+        row["none"].update(flip_tested=float(np.mean([mean(e) for e in flip])),  # the two references' means
+                           plain=float(np.mean([mean(e) for e in plain])))
         results[variant] = row
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(f"{exp.label} (%) on {len(exp.test_persons())} unseen test persons, mean ± std over {exp.seeds} "
-                 "training seeds; (+Δ) vs baseline; [TTP gain] = paired per-person gain over the same model "
-                 "without TTP, mean ± standard error over persons × seeds.")
-    if spread:  # none with --variants baseline
-        lines += ["", f"Per-person spread of the TTP gain ({exp.label} points):", *(f"- {line}" for line in spread)]
+    flip_note = "with the flip test" if exp.cfg.model.flip_test else "without the flip test"
+    lines.append(f"{exp.label} (%) on {len(exp.test_persons())} unseen persons ({exp.eval_url}, split "
+                 f"{exp.cfg.data.test_split}), {flip_note}; mean ± std over {exp.seeds} training seeds"
+                 + ("; (+Δ) vs baseline" if base_means else "") + "; [TTP gain] over the same model with the flip "
+                 "test and without TTP, per person (mean over seeds), mean ± standard error over persons.")
+    if gains:  # none with --variants baseline
+        lines += ["", f"TTP gain ({exp.label} points, per person: mean over seeds; ± standard error over persons):", "",
+                  "| method | scenario | vs flip-tested model | vs plain model | worst person | persons losing > 1 "
+                  "| person x seed pairs losing > 1 |", "| --- | --- | --- | --- | --- | --- | --- |", *gains,
+                  "", "Per-person spread:", *(f"- {line}" for line in spread)]
     return {"results": results, "markdown": "\n".join(lines)}
 
 
@@ -315,11 +363,11 @@ def fig4(exp: Experiment) -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    extras = {pid: [f for f in load_frames(exp.data_url, split=exp.cfg.data.test_split, person=pid)
+    extras = {pid: [f for f in load_frames(exp.eval_url, split=exp.cfg.data.test_split, person=pid)
                     if not f.keypoints[:, 2].any()] for pid in exp.test_persons()}
     available = min(len(v) for v in extras.values())
     if not available:
-        raise ValueError(f"{exp.data_url}: fig4 needs unlabeled extra frames of the test persons "
+        raise ValueError(f"{exp.eval_url}: fig4 needs unlabeled extra frames of the test persons "
                          "(posettp synth --extra-frames)")
     counts = tuple(n for n in (10, 25, 50, 100, 200) if n < available) + (min(available, 200),)
     rows = {n: [] for n in counts}
@@ -336,7 +384,7 @@ def fig4(exp: Experiment) -> dict:
                 out.append(res[exp.metric] - none[pid][exp.metric])
             return out
         for n in counts:
-            rows[n] += _cached(exp.out / "evals" / f"fig4-s{s}-n{n}{exp.inference_tag}{key}.json",
+            rows[n] += _cached(exp.out / "evals" / f"fig4-s{s}-n{n}{exp.inference_tag()}{key}{exp.persons_tag}.json",
                                lambda n=n: compute(n))
     means = [np.mean(rows[n]) * 100 if rows[n] else float("nan") for n in counts]
     ses = [np.std(rows[n], ddof=1) / np.sqrt(len(rows[n])) * 100 if len(rows[n]) > 1 else 0 for n in counts]
@@ -394,7 +442,8 @@ def evaluations_read(experiment: str, seeds: int, variants=VARIANTS) -> list[tup
     """The `Experiment.evaluation` arguments an experiment reads (fig4 adds its own offline runs, kept serial)."""
     if experiment == "table1":
         return [(v, s, scenario) for v in variants for s in range(seeds) for scenario in SCENARIOS
-                if v != "baseline" or scenario == "none"]
+                if v != "baseline" or scenario == "none"] + [
+            (v, s, "none", "", (), flip) for v in variants for s in range(seeds) for flip in (True, False)]
     if experiment == "table2":
         return [("transformer", s, "none") for s in range(seeds)] + [
             ("transformer", s, "online", *_table2_run(iters, guard))
@@ -407,12 +456,12 @@ def evaluations_read(experiment: str, seeds: int, variants=VARIANTS) -> list[tup
 _worker: Experiment | None = None
 
 
-def _start_worker(cfg_dict: dict, out: str, seeds: int, threads: int, device: str) -> None:
+def _start_worker(cfg_dict: dict, out: str, seeds: int, threads: int, device: str, eval_data: str) -> None:
     import torch
 
     global _worker
     torch.set_num_threads(threads)
-    _worker = Experiment(from_dict(cfg_dict), Path(out), seeds, worker=True, device=device)
+    _worker = Experiment(from_dict(cfg_dict), Path(out), seeds, worker=True, device=device, eval_data=eval_data)
 
 
 def _train(variant: str, seed: int) -> None:
@@ -437,7 +486,8 @@ def compute_in_parallel(exp: Experiment, runs: list[tuple], jobs: int) -> None:
     threads = max(1, (os.cpu_count() or 1) // jobs)
     context = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state
     with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker,
-                             initargs=(exp.cfg.to_dict(), str(exp.out), exp.seeds, threads, str(exp.device))) as pool, \
+                             initargs=(exp.cfg.to_dict(), str(exp.out), exp.seeds, threads, str(exp.device),
+                                       exp.eval_url)) as pool, \
             tqdm(total=len(untrained) + len(todo), desc=f"models and evaluations ({jobs} jobs)") as bar:
         pending = {pool.submit(_train, *m): m for m in untrained}
         ready = [m for m in models if m not in untrained]
@@ -459,7 +509,8 @@ def compute_in_parallel(exp: Experiment, runs: list[tuple], jobs: int) -> None:
 def main(args) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
-    exp = Experiment(cfg, out, args.seeds, variants=args.variants.split(","), device=args.device)
+    exp = Experiment(cfg, out, args.seeds, variants=args.variants.split(","), device=args.device,
+                     eval_data=args.eval_data)
     t0 = time.perf_counter()
     if args.jobs > 1:
         compute_in_parallel(exp, evaluations_read(args.experiment, args.seeds, exp.variants), args.jobs)
