@@ -63,7 +63,8 @@ def run_ttp(checkpoint: Checkpoint, frames: list, scenario: str, cfg_ttp: TTPCon
     m = result.metrics
     data = encode_delta(delta, dtype, checkpoint.sha256, person_id, scenario, m["steps"], m["frames"],
                         extra={"loss_before": m["loss_before"], "loss_after": m["loss_after"],
-                               "guard_events": m["guard_events"], "seed": int(seed)})
+                               "guard_events": m["guard_events"], "seed": int(seed)},
+                        rank=cfg_ttp.delta_rank, max_abs=cfg_ttp.drift_radius)
     metrics = {
         "scenario": scenario, "frames": int(m["frames"]), "steps": int(m["steps"]),
         "loss_before": float(m["loss_before"]), "loss_after": float(m["loss_after"]),

@@ -290,6 +290,10 @@ class TTPConfig:
                                              "per update")
     restore: float = research(0.0, "share of the adapted weights restored to the base after each update, drawn "
                                    "at random (CoTTA's stochastic restore); 0 = off")
+    delta_rank: int = research(0, "low-rank TTP: each adapted weight's change is kept at this rank (a smaller "
+                                   "delta, stored as two factors); 0 = dense")
+    norm_and_bias_only: bool = research(False, "TTP adapts only the norm affines and biases of the adapted modules "
+                                               "(a delta of a few thousand numbers)")
     temporal_agreement: float = research(0.0, "online, with the teacher: pseudo-labels only for joints whose "
                                               "teacher prediction moved at most this many heatmap px since the "
                                               "previous frame of the video; 0 = every joint")
@@ -405,6 +409,10 @@ def _validate(cfg: Config) -> None:
             raise ConfigError(f"ttp.{key} must be in [0, 1), got {getattr(cfg.ttp, key)}")
     if not (cfg.ttp.recon_weight or cfg.ttp.teacher_weight or cfg.ttp.pseudo_label_weight or cfg.ttp.flip_weight):
         raise ConfigError("ttp.recon_weight is 0 and no other TTP term is on: the update would have no loss")
+    if cfg.ttp.delta_rank < 0:
+        raise ConfigError(f"ttp.delta_rank must be >= 0 (0 = dense), got {cfg.ttp.delta_rank}")
+    if cfg.ttp.delta_rank and cfg.ttp.norm_and_bias_only:
+        raise ConfigError("ttp.delta_rank and ttp.norm_and_bias_only are two ways to a small delta: choose one")
     if cfg.ttp.temporal_agreement and not cfg.ttp.teacher_weight:
         raise ConfigError("ttp.temporal_agreement gates the teacher's pseudo-labels (ttp.teacher_weight), which is "
                           "0: set both")

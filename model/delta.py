@@ -4,6 +4,10 @@ A delta holds (personalized - base) for the `encoder.*` and `self_head.*`
 parameters that changed, as safetensors with JSON metadata. Deltas come from
 untrusted clients, so `decode_and_validate` checks everything before any tensor
 is used, and nothing is ever unpickled.
+
+A low-rank delta (`ttp.delta_rank`) stores a weight's change as two factors,
+`{name}.factor_b` (out, r) @ `{name}.factor_a` (r, in * kh * kw); every reader
+rebuilds the dense change and holds it to the same rules as a dense one.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ DEFAULT_NORM_BOUND = 0.25
 DEFAULT_TENSOR_NORM_BOUND = 0.4
 TENSOR_NORM_FLOOR = 1e-2
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+FACTOR_A, FACTOR_B = ".factor_a", ".factor_b"
 # Rounding an honest trust-region delta may add: fp16 storage (2^-11 relative, 2^-25 absolute among fp16's subnormals;
 # with room) and base + radius in fp32 (half an ulp of the base weight)
 BOUND_REL_SLACK, BOUND_ABS_SLACK, BOUND_BASE_SLACK = 2.0 ** -10, 2.0 ** -24, 2.0 ** -22
@@ -74,9 +79,66 @@ def dequantize(stored: dict[str, torch.Tensor], scales: dict[str, float]) -> dic
     return {k: v.float() * scales[k] if v.dtype == torch.int8 else v.float() for k, v in stored.items()}
 
 
+def _as_matrix(shape) -> tuple[int, int]:
+    return shape[0], math.prod(shape[1:])
+
+
+def factorize(delta: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Each change of 2+ dims as its best rank-`rank` factors (exact for a change of that rank, which low-rank TTP
+    makes), where the factors are smaller than it; the rest unchanged. The singular values are split evenly between
+    the factors, so that both quantize alike."""
+    out = {}
+    for k, v in delta.items():
+        rows, cols = _as_matrix(v.shape)
+        if v.ndim < 2 or rank * (rows + cols) >= rows * cols:
+            out[k] = v
+            continue
+        u, s, vh = torch.linalg.svd(v.double().reshape(rows, cols), full_matrices=False)
+        root = s[:rank].sqrt()
+        out[k + FACTOR_B] = (u[:, :rank] * root).float().contiguous()
+        out[k + FACTOR_A] = (root[:, None] * vh[:rank]).float().contiguous()
+    return out
+
+
+def rebuild(delta: dict[str, torch.Tensor], base_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Dense changes from a delta whose weights may be stored as factors; DeltaRejected on anything but a pair of
+    factors whose product has the weight's shape (and is not also stored dense)."""
+    out = {k: v for k, v in delta.items() if not k.endswith((FACTOR_A, FACTOR_B))}
+    for k in delta:
+        if not k.endswith(FACTOR_B):
+            if k.endswith(FACTOR_A) and k[:-len(FACTOR_A)] + FACTOR_B not in delta:
+                raise DeltaRejected(f"tensor {k!r} has no {FACTOR_B} partner")
+            continue
+        name = k[:-len(FACTOR_B)]
+        a, b = delta.get(name + FACTOR_A), delta[k]
+        if a is None:
+            raise DeltaRejected(f"tensor {k!r} has no {FACTOR_A} partner")
+        if name in out:
+            raise DeltaRejected(f"tensor {name!r} is stored both dense and as factors")
+        rows, cols = _as_matrix(base_state[name].shape)
+        if a.ndim != 2 or b.ndim != 2 or b.shape[0] != rows or a.shape[1] != cols or a.shape[0] != b.shape[1] \
+                or not 1 <= a.shape[0] < min(rows, cols):
+            raise DeltaRejected(f"factors of {name!r} have shapes {tuple(b.shape)} @ {tuple(a.shape)}, not "
+                                f"({rows}, r) @ (r, {cols}) with 1 <= r < {min(rows, cols)}")
+        out[name] = (b.double() @ a.double()).float().reshape(base_state[name].shape)
+    return out
+
+
 def encode_delta(delta: dict[str, torch.Tensor], dtype: str, base_sha256: str, person_id: str,
-                 scenario: str, steps: int, frames: int, extra: dict | None = None) -> bytes:
-    stored, scales = quantize(delta, dtype)
+                 scenario: str, steps: int, frames: int, extra: dict | None = None, rank: int = 0,
+                 max_abs: float = math.inf) -> bytes:
+    """The delta's bytes; `rank` > 0 stores weights as rank-`rank` factors (`factorize`), shrunk where their
+    quantized product would move a weight beyond `max_abs` (the trust region the readers hold it to)."""
+    tensors = factorize(delta, rank) if rank else delta
+    stored, scales = quantize(tensors, dtype)
+    for _ in range(8 if rank and max_abs < math.inf else 0):
+        dense = rebuild(dequantize(stored, scales), delta)  # the change as a reader will see it
+        largest = max((float(v.abs().max()) for v in dense.values()), default=0.0)
+        if largest <= max_abs:
+            break
+        shrink = max_abs / largest * (1 - 2.0 ** -12)
+        tensors = {k: v * shrink if k.endswith(FACTOR_B) else v for k, v in tensors.items()}
+        stored, scales = quantize(tensors, dtype)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype, "base_sha256": base_sha256,
         "person_id": person_id, "scenario": scenario, "steps": str(int(steps)), "frames": str(int(frames)),
@@ -135,15 +197,20 @@ def decode_and_validate(data: bytes, base_state: dict[str, torch.Tensor], allowe
         raise DeltaRejected("delta holds no tensors")
     want = {"fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}[dtype]
     for k, v in stored.items():
-        if k not in allowed_keys:
+        name = k[:-len(FACTOR_A)] if k.endswith((FACTOR_A, FACTOR_B)) else k
+        if name not in allowed_keys:
             raise DeltaRejected(f"tensor {k!r} is not an encoder/self_head parameter of this model")
-        if tuple(v.shape) != tuple(base_state[k].shape):
+        if name == k and tuple(v.shape) != tuple(base_state[k].shape):
             raise DeltaRejected(f"tensor {k!r} has shape {tuple(v.shape)}, expected {tuple(base_state[k].shape)}")
         if v.dtype != want:
             raise DeltaRejected(f"tensor {k!r} is {v.dtype}, the header says {dtype}")
         if dtype == "int8" and not isinstance(scales.get(k), (int, float)):
             raise DeltaRejected(f"tensor {k!r} has no scale")
     delta = dequantize(stored, scales)
+    for k, v in delta.items():  # before any product: a NaN factor must be named as such
+        if not torch.isfinite(v).all():
+            raise DeltaRejected(f"tensor {k!r} holds NaN or Inf")
+    delta = rebuild(delta, base_state)
     delta_sq = base_sq = 0.0
     for k, v in delta.items():
         if not torch.isfinite(v).all():

@@ -75,12 +75,14 @@ class TTPResult:
     metrics: dict = field(default_factory=dict)
 
 
-def adaptable_parameters(model: PoseTTPNet, adapt: list[str]) -> list[tuple[str, nn.Parameter]]:
-    """Parameters of the adapted submodules, norm affines excluded."""
-    frozen = {f"{mname}.{pname}" for mname, m in model.named_modules() if isinstance(m, NORM_TYPES)
-              for pname, _ in m.named_parameters(recurse=False)}
-    return [(n, p) for n, p in model.named_parameters()
-            if n.split(".")[0] in adapt and n not in frozen]
+def adaptable_parameters(model: PoseTTPNet, adapt: list[str],
+                         norm_and_bias_only: bool = False) -> list[tuple[str, nn.Parameter]]:
+    """Parameters of the adapted submodules, norm affines excluded; with `norm_and_bias_only`, the norm affines and
+    the biases alone."""
+    norms = {f"{mname}.{pname}" for mname, m in model.named_modules() if isinstance(m, NORM_TYPES)
+             for pname, _ in m.named_parameters(recurse=False)}
+    return [(n, p) for n, p in model.named_parameters() if n.split(".")[0] in adapt and
+            ((n in norms or n.endswith(".bias")) if norm_and_bias_only else n not in norms)]
 
 
 def shared_augment(target: torch.Tensor, source: torch.Tensor, gen: torch.Generator,
@@ -124,7 +126,10 @@ class _Adapter:
         self.base = copy.deepcopy(base).eval().requires_grad_(False)
         self.base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
         self.model = copy.deepcopy(base).eval().requires_grad_(False)
-        self.layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        # torch 2.13 on the CPU crashes (SIGSEGV) in GroupNorm's channels-last backward when its input carries no
+        # gradient, which adapting only norm affines and biases makes happen behind the first frozen convolution
+        channels_last = cfg.channels_last and not cfg.norm_and_bias_only
+        self.layout = torch.channels_last if channels_last else torch.contiguous_format
         self.model.to(memory_format=self.layout)
         self.base.to(memory_format=self.layout)
         # what the loss runs: the adapted model's modules with the frozen reconstruction modules folded (the
@@ -136,7 +141,7 @@ class _Adapter:
                 self.loss_model._modules[name] = fold_batchnorm(copy.deepcopy(self.model._modules[name]))
                 self.base._modules[name] = fold_batchnorm(self.base._modules[name])
         self.device = next(base.parameters()).device
-        adapted = adaptable_parameters(self.model, cfg.adapt)
+        adapted = adaptable_parameters(self.model, cfg.adapt, cfg.norm_and_bias_only)
         self.params = [p for _, p in adapted]
         for p in self.params:
             p.requires_grad_(True)
@@ -218,9 +223,27 @@ class _Adapter:
             self._restore()
         if self.cfg.drift_steps:
             self._project()
+        if self.cfg.delta_rank:
+            self._low_rank()
         if self.teacher is not None:
             self._average()
         return float(loss.detach())
+
+    @torch.no_grad()
+    def _low_rank(self) -> None:
+        """Keep each adapted weight's change from the base at rank `delta_rank` (its best approximation of that
+        rank), scaled back into the trust region where that leaves it: the delta is then two small factors."""
+        rank, radius = self.cfg.delta_rank, self.cfg.drift_radius
+        for p, anchor in zip(self.params, self.anchors):
+            if p.ndim < 2:
+                continue
+            change = (p - anchor).reshape(p.shape[0], -1).float()
+            u, s, vh = torch.linalg.svd(change, full_matrices=False)
+            change = (u[:, :rank] * s[:rank]) @ vh[:rank]
+            largest = float(change.abs().max())
+            if largest > radius:
+                change = change * (radius / largest)
+            p.copy_(anchor + change.reshape(p.shape).to(p.dtype))
 
     @torch.no_grad()
     def _restore(self) -> None:

@@ -17,7 +17,7 @@ from safetensors.torch import save as st_save
 
 from client import edge
 from model.checkpoint import load_checkpoint
-from model.delta import DeltaRejected, deltable_keys, encode_delta, extract_delta, read_metadata
+from model.delta import DeltaRejected, deltable_keys, encode_delta, extract_delta, factorize, read_metadata
 from posettp.cli import main as cli
 from server.fl import FLSettings, handle_reply, make_store
 from server.serve import PersonModels
@@ -26,7 +26,8 @@ from store.policy import DeltaPolicy
 from tests.fixtures_flower import make_checkpoint, write_random_shards
 from tests.test_fl_validation import reply, task_identity  # noqa: F401 (the fixture stamps Flower messages)
 
-CASES = ("honest", "honest fp16", "wrong key", "wrong shape", "NaN", "wrong base", "beyond the trust region",
+CASES = ("honest", "honest fp16", "honest low-rank", "half a factor pair", "factors of the wrong shape",
+         "factors beyond the trust region", "wrong key", "wrong shape", "NaN", "wrong base", "beyond the trust region",
          "erase the weights (-w)", "erase one tensor", "another person", "not safetensors", "header a JSON list", "scales a JSON list",
          "empty", "oversized")
 
@@ -39,6 +40,22 @@ def _honest(ck, radius_share: float = 0.5, seed: int = 0) -> dict[str, torch.Ten
     r = radius_share * ck.config.ttp.drift_radius
     personal = {k: v + (torch.rand(v.shape, generator=g) * 2 - 1) * r if k in keys else v for k, v in state.items()}
     return extract_delta(state, personal, keys)
+
+
+def _low_rank(ck, rank: int = 4, radius_share: float = 0.5) -> dict[str, torch.Tensor]:
+    """An honest low-rank TTP's delta (`ttp.delta_rank`): each weight's change of rank `rank`, inside the trust
+    region; biases dense."""
+    honest = _honest(ck, radius_share)
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    for k, v in honest.items():
+        if v.ndim < 2:
+            out[k] = v
+            continue
+        rows = v.shape[0]
+        change = torch.randn(rows, rank, generator=g) @ torch.randn(rank, v.numel() // rows, generator=g)
+        out[k] = (change * (radius_share * ck.config.ttp.drift_radius / change.abs().max())).reshape(v.shape)
+    return out
 
 
 def _one(delta: dict, change) -> dict:
@@ -57,9 +74,18 @@ def hostile_deltas(ck, person_of: dict[str, str]) -> dict[str, bytes]:
     def enc(case, delta, dtype="int8", sha=None, person=None):
         return encode_delta(delta, dtype, sha or ck.sha256, person or person_of[case], "offline", 4, 12)
 
+    low_rank = factorize(_low_rank(ck), 4)
+    factored = next(k for k in low_rank if k.endswith(".factor_b"))
+
     cases = {
         "honest": lambda c: enc(c, honest),
         "honest fp16": lambda c: enc(c, honest, "fp16"),
+        "honest low-rank": lambda c: encode_delta(_low_rank(ck), "int8", ck.sha256, person_of[c], "offline", 4, 12,
+                                                  rank=4, max_abs=radius),
+        "half a factor pair": lambda c: enc(c, _one(low_rank, lambda d: d.pop(factored)), "fp32"),
+        "factors of the wrong shape": lambda c: enc(c, _one(low_rank, lambda d: d.update(
+            {factored: torch.zeros(d[factored].shape[0] + 1, 4)})), "fp32"),
+        "factors beyond the trust region": lambda c: enc(c, _one(low_rank, lambda d: d[factored].mul_(3.0)), "fp32"),
         "wrong key": lambda c: enc(c, _one(honest, lambda d: d.update({"renderer.net.0.weight": torch.zeros(3)}))),
         "wrong shape": lambda c: enc(c, _one(honest, lambda d: d.update({first: torch.zeros(d[first].numel() + 1)}))),
         "NaN": lambda c: enc(c, _one(honest, lambda d: d[first].view(-1).__setitem__(0, float("nan"))), "fp16"),
@@ -162,10 +188,13 @@ def test_every_user_of_the_store_gives_the_same_verdicts(world, monkeypatch, cap
     reference = verdicts["flower server"]
     for case in CASES:  # the table, for `pytest -s`
         print(f"{case:24s} " + " | ".join(f"{user}: {got[case][:60]}" for user, got in verdicts.items()))
-    assert {c for c, v in reference.items() if v == "stored"} == {"honest", "honest fp16"}, reference
+    assert {c for c, v in reference.items() if v == "stored"} == {"honest", "honest fp16", "honest low-rank"}, \
+        reference
     for user, got in verdicts.items():
         assert got == reference, (user, {c: (got[c], reference[c]) for c in got if got[c] != reference[c]})
-    expected = {"wrong key": "not an encoder/self_head parameter", "wrong shape": "has shape", "NaN": "NaN or Inf",
+    expected = {"half a factor pair": "has no .factor_b partner", "factors of the wrong shape": "not (",
+                "factors beyond the trust region": "beyond the trust region",
+                "wrong key": "not an encoder/self_head parameter", "wrong shape": "has shape", "NaN": "NaN or Inf",
                 "wrong base": "made for base", "beyond the trust region": "beyond the trust region",
                 "erase the weights (-w)": "beyond the trust region", "erase one tensor": "beyond the trust region",
                 "another person": "not 'p",
@@ -223,3 +252,20 @@ def test_without_a_trust_region_erasing_one_tensor_is_refused_per_tensor(tmp_pat
     with pytest.raises(DeltaRejected, match=rf"{key}.* moves by 1 x its own norm, over the per-tensor bound 0.4"):
         store.file_delta("alice", delta(-1.0))
     assert store.file_delta("alice", delta(0.3))["person_id"] == "alice"
+
+
+def test_a_low_rank_delta_is_small_and_rebuilds_the_change_within_the_trust_region(world):
+    """int8 factors of a rank-4 change: a small share of the dense delta's bytes; every reader rebuilds the change
+    to within int8 rounding, and never beyond the trust region (the writer shrinks factors whose rounded product
+    would leave it)."""
+    ck = world["ck"]
+    radius = ck.config.ttp.drift_radius
+    change = _low_rank(ck, radius_share=1.0)  # at the trust region's edge: rounding alone could leave it
+    small = encode_delta(change, "int8", ck.sha256, "p", "offline", 4, 12, rank=4, max_abs=radius)
+    dense = encode_delta(change, "int8", ck.sha256, "p", "offline", 4, 12)
+    assert len(small) < 0.25 * len(dense)
+    rebuilt, _ = DeltaPolicy.for_checkpoint(ck).check(small)
+    assert set(rebuilt) == set(change)
+    for k, v in change.items():
+        assert float(rebuilt[k].abs().max()) <= radius
+        assert float((rebuilt[k] - v).abs().max()) <= 0.03 * radius, k

@@ -304,3 +304,38 @@ def test_mirror_terms_change_the_update_and_keep_the_base_free_of_them(setup, mi
     with_term = personalize(model, recon, crops, matrices, groups, ttp, "offline", seed=0).state
     assert any(not torch.equal(plain[k], with_term[k]) for k in plain if k.startswith("encoder."))
     assert all(torch.equal(plain[k], with_term[k]) for k in plain if k.startswith(("sup_head.", "renderer.")))
+
+
+def test_low_rank_ttp_changes_each_weight_at_that_rank_and_its_delta_round_trips(setup):
+    """ttp.delta_rank: every adapted weight's change has rank <= r, and the factor delta a client files rebuilds
+    it (int8 rounding aside) through the delta policy's reader."""
+    cfg, model, recon, crops, matrices, groups = setup
+    ttp = dataclasses.replace(cfg.ttp, delta_rank=2, drift_steps=20)
+    result = personalize(model, recon, crops, matrices, groups, ttp, "offline", seed=0)
+    base = model.state_dict()
+    adapted = dict(adaptable_parameters(model, ttp.adapt))
+    changes = {k: result.state[k] - base[k] for k in adapted}
+    assert any(torch.count_nonzero(v) for v in changes.values()), "nothing adapted"
+    for k, v in changes.items():
+        if v.ndim > 1:
+            assert int(torch.linalg.matrix_rank(v.reshape(v.shape[0], -1).double(), rtol=1e-5)) <= 2, k
+        assert float(v.abs().max()) <= ttp.drift_radius * (1 + 1e-5), k
+    keys = deltable_keys(base, {n for n, _ in model.named_parameters()})
+    delta = extract_delta(base, result.state, keys)
+    data = encode_delta(delta, "fp32", "sha", "p1", "offline", 6, 12, rank=2, max_abs=ttp.drift_radius)
+    assert len(data) < 0.2 * len(encode_delta(delta, "fp32", "sha", "p1", "offline", 6, 12))
+    rebuilt, _ = decode_and_validate(data, base, set(keys), "sha", max_abs=ttp.drift_radius)
+    for k, v in delta.items():
+        torch.testing.assert_close(rebuilt[k], v, atol=1e-6 * ttp.drift_radius + 1e-9, rtol=1e-4)
+
+
+def test_norm_and_bias_only_adapts_the_norm_affines_and_biases_alone(setup):
+    cfg, model, recon, crops, matrices, groups = setup
+    ttp = dataclasses.replace(cfg.ttp, norm_and_bias_only=True)
+    result = personalize(model, recon, crops, matrices, groups, ttp, "offline", seed=0)
+    base = model.state_dict()
+    changed = {k for k, v in result.state.items() if not torch.equal(base[k], v)}
+    norms = {f"{name}.{p}" for name, m in model.named_modules()
+             if isinstance(m, (torch.nn.GroupNorm, torch.nn.BatchNorm2d, torch.nn.LayerNorm)) for p in ("weight", "bias")}
+    assert changed and all(k in norms or k.endswith(".bias") for k in changed), changed
+    assert any(k in norms for k in changed) and all(k.startswith(("encoder.", "self_head.")) for k in changed)
