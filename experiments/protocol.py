@@ -18,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from client.ttp_job import run_ttp
+from model.checkpoint import load_checkpoint
 from model.config import load_config
+from model.io import join, read_bytes
 from training.reproduce import Experiment, compute_in_parallel, gain_summary, gains_per_person
 
 SCENARIOS = ("offline", "online")
@@ -31,14 +34,17 @@ CANDIDATES = {
     "teacher+recon": ["ttp.teacher_weight=300", "ttp.restore=0.01"],
     "teacher+temporal": ["ttp.teacher_weight=300", "ttp.restore=0.01", "ttp.temporal_agreement=1"],
 }
+# Issue 37's structured updates, each applied to one full candidate (`--structured-on`): `NAME/rank4` etc.
+STRUCTURED = {"rank4": ["ttp.delta_rank=4"], "rank8": ["ttp.delta_rank=8"],
+              "norm+bias": ["ttp.norm_and_bias_only=true"]}
 DEFAULT = "default"
 LOSS = -0.01  # a person worse by more than one point
 
 
-def evaluate(name: str, overrides: list[str], args) -> dict:
+def evaluate(overrides: list[str], args) -> dict:
     """One candidate on the persons: its gains in both scenarios against both references."""
     cfg = load_config(args.config, [f"data.url={args.data}", "model.flip_test=true", f"data.test_split={args.split}",
-                                    *overrides])
+                                    *args.overrides, *overrides])
     exp = Experiment(cfg, Path(args.out), args.seeds, variants=("transformer",), eval_data=args.persons_data)
     seeds = range(args.seeds)
     runs = [("transformer", s, scenario) for s in seeds for scenario in SCENARIOS] + [
@@ -47,6 +53,7 @@ def evaluate(name: str, overrides: list[str], args) -> dict:
     flip = [exp.evaluation("transformer", s, "none", flip_test=True) for s in seeds]
     plain = [exp.evaluation("transformer", s, "none", flip_test=False) for s in seeds]
     row = {"overrides": overrides, "config": cfg.to_dict(), "persons": len(exp.test_persons()),
+           **delta_size(exp, cfg),
            "flip_tested": float(np.mean([r[exp.metric] for e in flip for r in e["persons"]])),
            "plain": float(np.mean([r[exp.metric] for e in plain for r in e["persons"]]))}
     for scenario in SCENARIOS:
@@ -58,6 +65,30 @@ def evaluate(name: str, overrides: list[str], args) -> dict:
     return row
 
 
+def delta_size(exp: Experiment, cfg) -> dict:
+    """The int8 delta a client would file for the first person (seed-0 model, offline), in bytes and as a share of
+    the checkpoint's weights file."""
+    path = str(exp.model_path("transformer", 0))
+    pid, frames = next(iter(exp.test_persons().items()))
+    data, metrics, _ = run_ttp(load_checkpoint(path), frames, "offline", cfg.ttp, 0, pid, "int8", device="cpu")
+    weights = len(read_bytes(join(path, "model.safetensors")))
+    return {"delta_bytes": len(data), "delta_share": len(data) / weights, "delta_tensors": metrics["delta_tensors"]}
+
+
+def structured_verdict(rows: dict, full: str) -> list[str]:
+    """Issue 37's rule: a structured update is kept as an option if in both scenarios its validation gain is
+    within one clustered standard error of the full update's (or above it)."""
+    lines = []
+    for name in (n for n in rows if n.startswith(f"{full}/")):
+        kept = all(rows[name][s]["vs_flip_tested"]["gain_mean"] >= rows[full][s]["vs_flip_tested"]["gain_mean"]
+                   - rows[full][s]["vs_flip_tested"]["gain_se"] for s in SCENARIOS)
+        lines.append(f"{name}: delta {rows[name]['delta_bytes']} bytes ({rows[name]['delta_share'] * 100:.2f} % of the "
+                     f"checkpoint, full: {rows[full]['delta_share'] * 100:.2f} %); "
+                     + ("kept as an option" if kept else "not kept") + " (within one standard error of the full "
+                     "update's gain in both scenarios" + ("" if kept else ": no") + ")")
+    return lines
+
+
 def verdict(rows: dict) -> list[str]:
     """The protocol's decision rule (validation persons only)."""
     def losers(name):
@@ -66,8 +97,9 @@ def verdict(rows: dict) -> list[str]:
     def score(name):
         return float(np.mean([rows[name][s]["vs_flip_tested"]["gain_mean"] for s in SCENARIOS]))
 
-    eligible = [name for name in rows if losers(name) == 0]
-    winner = max(eligible, key=score) if eligible else min(rows, key=lambda n: (losers(n), -score(n)))
+    candidates = [name for name in rows if name in CANDIDATES]  # the structured updates are issue 37's question
+    eligible = [name for name in candidates if losers(name) == 0]
+    winner = max(eligible, key=score) if eligible else min(candidates, key=lambda n: (losers(n), -score(n)))
     lines = [f"eligible (no person loses more than a point in either scenario): {', '.join(eligible) or 'none'}",
              f"winner: {winner} (score {score(winner) * 100:+.2f}, the mean of its offline and online gains)"]
     if DEFAULT in rows and winner != DEFAULT:
@@ -89,15 +121,16 @@ def markdown(rows: dict, label: str) -> str:
     lines = [f"Persons: {label}. PCK@0.2 points; per person the mean over the training seeds; ± standard error over "
              "persons. The flip test is on both sides.", "",
              "| candidate | offline vs flip-tested | online vs flip-tested | offline vs plain | online vs plain | "
-             "worst person off / on | persons losing > 1 off / on | s per person off / on |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "worst person off / on | persons losing > 1 off / on | s per person off / on | delta (int8) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in rows.items():
         off, on = (row[s]["vs_flip_tested"] for s in SCENARIOS)
         lines.append(f"| {name} | {cell(off)} | {cell(on)} | {cell(row['offline']['vs_plain'])} | "
                      f"{cell(row['online']['vs_plain'])} | {off['person_gain_min'] * 100:+.1f} / "
                      f"{on['person_gain_min'] * 100:+.1f} | {off['persons_worse_1pck_over_seeds']} / "
                      f"{on['persons_worse_1pck_over_seeds']} of {off['persons']} | "
-                     f"{row['offline']['seconds_per_person']:.1f} / {row['online']['seconds_per_person']:.1f} |")
+                     f"{row['offline']['seconds_per_person']:.1f} / {row['online']['seconds_per_person']:.1f} | "
+                     f"{row['delta_bytes'] / 1e3:.1f} kB ({row['delta_share'] * 100:.2f} %) |")
     first = next(iter(rows.values()))
     lines += ["", f"Without TTP: flip-tested {first['flip_tested'] * 100:.1f}, plain {first['plain'] * 100:.1f}."]
     return "\n".join(lines)
@@ -112,15 +145,22 @@ def main() -> None:
     ap.add_argument("--split", default="test", help="the persons' split")
     ap.add_argument("--label", required=True, help="val, test or fresh: val applies the decision rule")
     ap.add_argument("--candidates", default=",".join(CANDIDATES))
+    ap.add_argument("--structured-on", default="", help="also run issue 37's structured updates of this candidate")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="applied to every candidate, before its own flags (a smaller scale, say)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
     out = Path(args.out)
     path = out / f"protocol-{args.label}.json"
     rows = json.loads(path.read_text()) if path.is_file() else {}
-    for name in args.candidates.split(","):
+    todo = {name: CANDIDATES[name] for name in args.candidates.split(",") if name}
+    if args.structured_on:
+        todo.update({f"{args.structured_on}/{name}": CANDIDATES[args.structured_on] + flags
+                     for name, flags in STRUCTURED.items()})
+    for name, overrides in todo.items():
         t0 = time.perf_counter()
-        rows[name] = evaluate(name, CANDIDATES[name], args)
+        rows[name] = evaluate(overrides, args)
         rows[name]["wall_seconds"] = time.perf_counter() - t0
         path.write_text(json.dumps(rows, indent=1))
         print(f"{args.label} {name}: " + ", ".join(
@@ -130,6 +170,9 @@ def main() -> None:
     md = markdown(rows, args.label)
     if args.label == "val":
         md += "\n\nDecision rule (docs/protocol.md):\n" + "\n".join(f"- {line}" for line in verdict(rows))
+    for full in sorted({name.split("/")[0] for name in rows if "/" in name}):
+        md += f"\n\nStructured updates of {full} (issue 37's rule):\n" + "\n".join(
+            f"- {line}" for line in structured_verdict(rows, full))
     (out / f"protocol-{args.label}.md").write_text(md + "\n")
     print(md)
 
