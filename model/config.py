@@ -247,6 +247,8 @@ class TrainConfig:
     val_frames: int = setting(256, "validation frames scored at each report; 0 = no validation")
     amp: str = setting("auto", "auto (bf16 where the GPU/CPU has native bf16) | bf16 | off")
     threads: int = setting(0, "torch threads per worker; 0 = torch's default")
+    init_from: str = setting("", "start from this checkpoint's weights (a fine-tune: its model settings must be "
+                                 "these); empty = random initialisation")
 
 
 @dataclass
@@ -322,6 +324,16 @@ class Config:
 
 
 VARIANTS = ("baseline", "shared_rotation", "shared_keypoint", "transformer")
+INFERENCE_ONLY = ("decode", "flip_test")  # model settings that change predictions, not the weights
+
+
+def model_differences(ours: ModelConfig, theirs: Mapping) -> list[str]:
+    """The model settings (as `model.KEY`) in which a checkpoint's resolved model config (`theirs`) differs from
+    ours where the weights depend on them: not the inference-only ones, not where the backbone's initial weights
+    were read from."""
+    return [f"model.{k}" for k, v in dataclasses.asdict(ours).items()
+            if k not in INFERENCE_ONLY + ("pretrained",) and theirs.get(k) != v]
+
 BACKBONES = ("small", "resnet18", "resnet50")
 AMP_MODES = ("auto", "bf16", "off")
 DECODINGS = ("quarter", "dark")  # model.heatmaps.DECODERS

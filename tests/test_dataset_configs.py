@@ -51,6 +51,10 @@ def test_each_dataset_config_trains_and_evaluates_on_its_fixture(config, tmp_pat
     ck = str(tmp_path / "ck")
     save_checkpoint(ck, model, cfg, cfg.train.max_steps, loss_module=recon)
     assert load_checkpoint(ck).meta["joint_set"] == joints.to_dict()
+    # a fine-tune from it passes the driver's checks; from a directory that is no checkpoint it is refused there
+    assert _plan(config, [f"data.url={shards}", *SMALL, f"train.init_from={ck}"], tmp_path / "tune").cfg.train.init_from
+    with pytest.raises(joint.TrainInputError, match="train.init_from: .* not a checkpoint directory"):
+        _plan(config, [f"data.url={shards}", *SMALL, f"train.init_from={tmp_path}"], tmp_path / "tune2")
     capsys.readouterr()
     assert cli(["evaluate", "--checkpoint", ck, "--data", shards, "--device", "cpu",
                 "--json", str(tmp_path / "eval.json")]) == 0

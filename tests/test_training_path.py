@@ -129,3 +129,25 @@ def test_ttp_never_flips(flip_prob):
     augment = Augmentation(scale_std=0.0, rot_prob=0.0, flip_prob=flip_prob)
     target, _ = shared_augment(images[0], images[1], torch.Generator().manual_seed(0), augment)
     torch.testing.assert_close(target, images[0], atol=1e-5, rtol=0)
+
+
+def test_a_fine_tune_starts_from_its_checkpoint_and_refuses_other_model_settings(tmp_path):
+    """train.init_from: the checkpoint's weights and loss statistics, not the seed's; a checkpoint of another
+    model (not merely another decoding) is refused naming the settings that differ."""
+    from model.checkpoint import save_checkpoint
+    from model.config import ConfigError
+
+    cfg = load_config("configs/synth_small.yaml", TOY + ["train.seed=3"])
+    trained, recon, _ = build_training(cfg)
+    with torch.no_grad():
+        next(trained.parameters()).add_(0.5)
+    save_checkpoint(str(tmp_path / "ck"), trained, cfg, 2, loss_module=recon)
+    fresh, _, _ = build_training(load_config("configs/synth_small.yaml", TOY))
+    tuned, _, _ = build_training(load_config("configs/synth_small.yaml", TOY + [
+        f"train.init_from={tmp_path / 'ck'}", "model.flip_test=true"]))
+    state, theirs = tuned.state_dict(), trained.state_dict()
+    assert all(torch.equal(state[k], theirs[k]) for k in state)
+    assert not all(torch.equal(state[k], v) for k, v in fresh.state_dict().items())
+    with pytest.raises(ConfigError, match=r"other model settings \(model.ffn\)"):
+        build_training(load_config("configs/synth_small.yaml", TOY + [f"train.init_from={tmp_path / 'ck'}",
+                                                                      "model.ffn=128"]))

@@ -60,12 +60,12 @@ from core.local_ray import init_local_ray
 from core.scoring import score
 from data.shards import list_persons, read_joint_set, read_manifest
 from model import io
-from model.checkpoint import META, WEIGHTS, restore_loss_buffers, save_checkpoint
-from model.config import Config, ConfigError, from_dict, load_config
+from model.checkpoint import META, WEIGHTS, CheckpointError, restore_loss_buffers, save_checkpoint
+from model.config import Config, ConfigError, from_dict, load_config, model_differences
 from model.joints import JointSetMismatch, joint_set, require_same
 from model.predict import predict_crops
 from training.data import batch_stream, derive_seed, load_worker_frames, validation_frames
-from training.loop import build_training, seed_everything, train_step
+from training.loop import build_training, seed_everything, start_from, train_step
 from training.rendezvous import FileRendezvousTorchConfig
 
 FAIL_ENV = "POSETTP_FAIL_AT_STEP"
@@ -266,7 +266,8 @@ def train_worker(config: dict) -> None:
         val = (crops, matrices, vf)
     log = MetricsLog(config["run_url"], start_step) if rank == 0 else None
     if rank == 0:
-        what = f"resumed from {source} at step {start_step}" if state else "started from scratch"
+        what = f"resumed from {source} at step {start_step}" if state else \
+            f"started from {cfg.train.init_from}" if cfg.train.init_from else "started from scratch"
         if checkpoint is not None:  # Ray Train restarted the worker group: its reason is in Ray's output
             what = f"worker group restarted after a failure (Ray's output says why); {what}"
         print(f"[joint] {world} worker(s) on {device}, rank 0 shard: {shard}; {what}", flush=True)
@@ -400,9 +401,9 @@ def _check_resume(cfg: Config, run_url: str) -> tuple[str, int]:
     except FileNotFoundError as exc:
         raise TrainInputError(f"--resume: checkpoint {ck_url} named by latest.json is missing") from exc
     theirs, ours = meta.get("config", {}).get("model", {}), cfg.to_dict()["model"]
-    diff = [k for k in ours if k != "pretrained" and theirs.get(k) != ours[k]]
+    diff = model_differences(cfg.model, theirs)
     if diff:
-        k = diff[0]
+        k = diff[0].split(".", 1)[1]
         raise TrainInputError(f"--resume: checkpoint {ck_url} is model.variant={theirs.get('variant')}, "
                               f"model.backbone={theirs.get('backbone')}; the config asks variant={ours['variant']}, "
                               f"backbone={ours['backbone']} (first difference: model.{k} "
@@ -431,6 +432,11 @@ def plan_run(args) -> Plan:
     data_url = _normalise_url(cfg.data.url)
     cfg.data.url = data_url
     has_val = _check_data(cfg, data_url)
+    if cfg.train.init_from:  # before Ray: a missing or mismatched checkpoint is the user's to fix
+        try:
+            start_from(cfg)
+        except CheckpointError as exc:
+            raise TrainInputError(f"train.init_from: {exc}") from None
     storage = _normalise_url(args.storage or "runs")
     run_url = io.join(storage, run)
     io.ensure_writable(run_url)  # PermissionError naming the URL

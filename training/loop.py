@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from core.checkpoints import build_recon_loss
-from model.config import Config
+from model.checkpoint import load_checkpoint, restore_loss_buffers
+from model.config import Config, ConfigError, model_differences
 from model.losses import ReconstructionLoss
 from model.network import PoseTTPNet, build_model
 from model.objectives import joint_loss
@@ -64,7 +65,24 @@ def build_training(cfg: Config, device: torch.device | str = "cpu"
     recon_loss = build_recon_loss(model, cfg)
     if recon_loss is not None:
         recon_loss.to(device)
+    if cfg.train.init_from:
+        start_from(cfg, model, recon_loss)
     return model, recon_loss, make_optimizer(model, cfg)
+
+
+def start_from(cfg: Config, model: PoseTTPNet | None = None, recon_loss: ReconstructionLoss | None = None) -> str:
+    """A fine-tune's start: cfg.train.init_from's weights and reconstruction-loss statistics into `model` (without a
+    model, only the check). A checkpoint of other model settings is refused, naming them; returns its sha256."""
+    ck = load_checkpoint(cfg.train.init_from)
+    diff = model_differences(cfg.model, ck.config.to_dict()["model"])
+    if diff:
+        raise ConfigError(f"train.init_from {cfg.train.init_from} was trained with other model settings "
+                          f"({', '.join(diff)}): a fine-tune keeps its model's")
+    if model is not None:
+        model.load_state_dict(ck.model.state_dict())
+        if recon_loss is not None:
+            restore_loss_buffers(recon_loss, ck.loss_buffers)
+    return ck.sha256
 
 
 def train_step(model: PoseTTPNet, recon_loss: ReconstructionLoss | None, optimizer: torch.optim.Optimizer,

@@ -30,7 +30,7 @@ from core.scoring import evaluate_person, per_frame_pck, score
 from data.shards import load_frames, read_joint_set
 from model import io
 from model.checkpoint import load_checkpoint, save_checkpoint
-from model.config import VARIANTS, Config, apply_overrides, from_dict, load_config
+from model.config import INFERENCE_ONLY, VARIANTS, Config, apply_overrides, from_dict, load_config
 from model.device import pick_device
 from model.joints import joint_set, require_same
 
@@ -38,7 +38,6 @@ from .local import train_local
 
 log = logging.getLogger(__name__)
 SCENARIOS = ("none", "online", "offline")
-INFERENCE_ONLY = ("decode", "flip_test")  # model settings that change predictions, not training
 
 
 def _cached(path: Path, compute):
