@@ -160,21 +160,27 @@ def write_report(out: Path, checkpoint: str, data: str, served: dict, fl: dict, 
     mean = {k: float(np.mean([r[k] for r in rows])) for k in ("base", "offline", "online", "evaluate_base",
                                                              "evaluate_offline")}
     mismatch = max(max(abs(r["base"] - r["evaluate_base"]), abs(r["offline"] - r["evaluate_offline"])) for r in rows)
+    flip = "with the flip test, the best inference without personalization" if ck.config.model.flip_test else \
+        "without the flip test"
+    gain = np.array([r["offline"] - r["base"] for r in rows]) * 100
     lines = ["# posettp demo report", "",
              f"checkpoint `{checkpoint}` (sha256 {ck.sha256[:12]}), data `{data}`, {len(rows)} unseen test persons.",
-             "", f"{key.upper()} (%) measured **through the HTTP endpoint** (base = a person with no delta; "
-             "personalized = the person's offline delta filed by the Flower run), beside `posettp evaluate` "
-             "on the same checkpoint and deltas, and online TTP (local).", "",
-             "| person | base (HTTP) | personalized (HTTP) | evaluate base | evaluate personalized | online TTP | "
-             "model_version | p50 latency ms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        lines.append(f"| {r['person_id']} | {r['base'] * 100:.1f} | {r['offline'] * 100:.1f} | "
+             "", f"{key.upper()} (%) measured **through the HTTP endpoint** (base = a person with no delta, {flip}; "
+             "personalized = the person's offline delta filed by the Flower run, the same inference), beside "
+             "`posettp evaluate` on the same checkpoint and deltas, and online TTP (local).", "",
+             "| person | base (HTTP) | personalized (HTTP) | gain (HTTP) | evaluate base | evaluate personalized | "
+             "online TTP | model_version | p50 latency ms |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r, g in zip(rows, gain):
+        lines.append(f"| {r['person_id']} | {r['base'] * 100:.1f} | {r['offline'] * 100:.1f} | {g:+.1f} | "
                      f"{r['evaluate_base'] * 100:.1f} | {r['evaluate_offline'] * 100:.1f} | {r['online'] * 100:.1f} | "
                      f"{r['model_version']} | {r['latency_ms']:.1f} |")
-    lines.append(f"| **mean** | {mean['base'] * 100:.1f} | {mean['offline'] * 100:.1f} | "
-                 f"{mean['evaluate_base'] * 100:.1f} | {mean['evaluate_offline'] * 100:.1f} | "
+    se = gain.std(ddof=1) / np.sqrt(len(gain)) if len(gain) > 1 else 0.0
+    lines.append(f"| **mean** | {mean['base'] * 100:.1f} | {mean['offline'] * 100:.1f} | **{gain.mean():+.1f} ± "
+                 f"{se:.1f}** | {mean['evaluate_base'] * 100:.1f} | {mean['evaluate_offline'] * 100:.1f} | "
                  f"{mean['online'] * 100:.1f} | | |")
-    lines += ["", f"Largest HTTP-vs-evaluate difference: {mismatch * 100:.2f} PCK points.", "",
+    lines += ["", f"Gain: mean ± standard error over the {len(rows)} persons; {int((gain > 0).sum())} gain, "
+              f"{int((gain < -1).sum())} lose more than a point (worst {gain.min():+.1f}). Largest HTTP-vs-evaluate "
+              f"difference: {mismatch * 100:.2f} PCK points.", "",
               "![per-person PCK](pck_per_person.png)", "", "![online gain](online_curve.png)", "",
               "![figure 5](figure5.png)", "", "## Flower runs", ""]
     for scenario, summary in fl.items():
@@ -185,6 +191,7 @@ def write_report(out: Path, checkpoint: str, data: str, served: dict, fl: dict, 
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     (out / "report.json").write_text(io.json_text({"persons": rows, "mean": mean, "timings": timings,
+                                                   "gain_mean": float(gain.mean()) / 100, "gain_se": float(se) / 100,
                                                    "http_vs_evaluate_max_diff": mismatch}))
-    print("\n".join(lines[6:8 + len(rows) + 1]))
+    print("\n".join(lines[6:8 + len(rows) + 3]))
     return str(report)
