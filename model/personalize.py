@@ -179,10 +179,9 @@ class _Adapter:
         self.optimizer = torch.optim.Adam(self.params, lr=self.cfg.lr)
         self.good_state = None
 
-    def teacher_labels(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's view-averaged prediction of `images`: heatmap coordinates (B, J, 2) and maps."""
-        maps = augmented_heatmaps(self.teacher, images, self.flip_perm)
-        return DECODERS[self.teacher.cfg.decode](maps)[0], maps
+    def teacher_labels(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's view-averaged prediction of `images`, as heatmap coordinates (B, J, 2)."""
+        return DECODERS[self.teacher.cfg.decode](augmented_heatmaps(self.teacher, images, self.flip_perm))[0]
 
     def loss(self, target: torch.Tensor, source: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """The TTP loss of one batch of pairs; `keep` (J,) masks the teacher's pseudo-labels (temporal gate)."""
@@ -194,8 +193,7 @@ class _Adapter:
                                  rotations=self.rotations)
             loss = loss + self.cfg.recon_weight * recon
         if self.teacher is not None:
-            coords, _ = self.teacher_labels(target)
-            loss = loss + self.cfg.teacher_weight * sharp_pseudo_labels(out["h_sup"], coords,
+            loss = loss + self.cfg.teacher_weight * sharp_pseudo_labels(out["h_sup"], self.teacher_labels(target),
                                                                         self.loss_model.cfg.sigma, keep)
         if self.mirror_terms:
             h_sup, mirrored = out["h_sup"], mirrored_heatmaps(self.loss_model, target, self.flip_perm)
@@ -347,8 +345,7 @@ def temporal_keep(adapter: _Adapter, crops: torch.Tensor, groups: np.ndarray, t:
     t-1 to frame t (same video; the crops follow the person, so a joint that jumps is a guess), else 0."""
     if groups[t - 1] != groups[t]:
         return torch.ones(adapter.base.cfg.num_joints)
-    coords, _ = adapter.teacher_labels(crops[t - 1:t + 1].to(adapter.device).contiguous(
-        memory_format=adapter.layout))
+    coords = adapter.teacher_labels(crops[t - 1:t + 1].to(adapter.device).contiguous(memory_format=adapter.layout))
     return ((coords[1] - coords[0]).norm(dim=-1) <= adapter.cfg.temporal_agreement).float()
 
 
