@@ -43,6 +43,7 @@ PERSONS, FRAMES, SIZE = 30, 30, 96  # -> 18 train, 3 val, 9 test persons at the 
 PRETRAINED = Path(__file__).resolve().parent / "pretrained" / "synth_small"
 TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR = 100, 8, 1e-4  # per worker; 2 workers: a fine-tune of PRETRAINED
 TTP_STEPS = 60
+ANSWERED = ("stored", "unchanged")  # a Flower run's per-person outcomes that are not failures
 
 
 class StepFailed(RuntimeError):
@@ -118,9 +119,12 @@ class Demo:
             if not summaries:
                 raise StepFailed(f"step federate: Flower wrote no run summary; see {self.logs / 'federate.log'}")
             summary = json.loads(summaries[-1].read_text())
-            if summary.get("status") != "finished" or not summary.get("stored"):
-                raise StepFailed(f"step federate: {scenario} run {summary.get('status')} "
-                                 f"({summary.get('reason', 'no delta stored')}); see {self.logs / 'federate.log'}")
+            # a person whose safeguards kept the base weights ("unchanged") is an outcome, not a failure
+            answered = [p["status"] for p in summary.get("persons", {}).values() if p["status"] in ANSWERED]
+            if summary.get("status") != "finished" or len(answered) != nodes:
+                raise StepFailed(f"step federate: {scenario} run {summary.get('status')}, {len(answered)} of {nodes} "
+                                 f"persons stored a delta or kept the base ({summary.get('reason', 'see the log')}); "
+                                 f"see {self.logs / 'federate.log'}")
             runs[scenario] = summary
         stop_marked("FLWR_HOME", self.env["FLWR_HOME"])  # the simulation's detached SuperLink
         return runs
@@ -128,9 +132,10 @@ class Demo:
     # 4 + 5
     def serve_and_query(self, checkpoint: str) -> dict:
         port = _free_port()
-        config = self.out / "serve.yaml"  # the shipped config with auth off: the demo has no tokens
+        # the shipped config with auth off (the demo has no tokens) and the flip test on, as the model was evaluated
+        config = self.out / "serve.yaml"
         doc = yaml.safe_load(config_path("serve").read_text())
-        doc["applications"][0]["args"]["auth"] = False
+        doc["applications"][0]["args"].update(auth=False, flip_test=True)
         config.write_text(yaml.safe_dump(doc))
         log = open(self.logs / "serve.log", "a")
         proc = subprocess.Popen([sys.executable, "-m", "posettp.cli", "serve", "--checkpoint", checkpoint,
