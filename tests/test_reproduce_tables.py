@@ -1,9 +1,13 @@
 """The statistics `posettp reproduce` prints, on hand-made evaluations (fast: no model)."""
+import argparse
+
 import pytest
 
 import numpy as np
 
-from training.reproduce import gain_summary, gains_per_person
+from data.synth import main as synth_main
+from model.config import load_config
+from training.reproduce import Experiment, gain_summary, gains_per_person
 
 
 def evaluation(pck: dict[str, float]) -> dict:
@@ -30,3 +34,17 @@ def test_gain_summary_clusters_its_standard_error_by_person():
     assert summary["persons"] == 2 and summary["pairs"] == 6 and summary["persons_worse_1pck_over_seeds"] == 0
     pairs_se = np.std([0.02, 0.021, 0.019, 0.06, 0.061, 0.059], ddof=1) / np.sqrt(6)
     assert summary["gain_se"] > 1.5 * pairs_se
+
+
+def test_an_online_only_setting_names_a_new_online_evaluation_and_the_same_offline_one(tmp_path):
+    """`ttp.temporal_agreement` gates online updates only: offline, a run that differs by it alone is the cached
+    run, online it is evaluated apart."""
+    data = str(tmp_path / "synth")
+    synth_main(argparse.Namespace(out=data, persons=3, frames=2, size=64, seed=0, shift=0.3,
+                                  shift_components="clothing,body,background", split="all", videos=1,
+                                  extra_frames=0))
+    teacher = [f"data.url={data}", "ttp.teacher_weight=300"]
+    plain = Experiment(load_config("synth_small", teacher), tmp_path / "out", 1)
+    temporal = Experiment(load_config("synth_small", [*teacher, "ttp.temporal_agreement=1"]), tmp_path / "out", 1)
+    assert plain.evaluation_path("transformer", 0, "offline") == temporal.evaluation_path("transformer", 0, "offline")
+    assert plain.evaluation_path("transformer", 0, "online") != temporal.evaluation_path("transformer", 0, "online")

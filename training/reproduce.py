@@ -144,10 +144,12 @@ class Experiment:
         model, recon = model_with_loss(ck, self.device)
         return model, recon, ck.config
 
-    def ttp(self, overrides=()) -> tuple:
-        """This run's TTP settings (with overrides) and a short key naming them in cache file names."""
+    def ttp(self, overrides=(), scenario: str = "") -> tuple:
+        """This run's TTP settings (with overrides) and a short key naming them in cache file names. An offline key
+        leaves out `temporal_agreement`, which gates online updates only: runs that differ by it alone are one run."""
         ttp = _with(self.cfg, list(overrides)).ttp
-        return ttp, "-" + hashlib.sha1(json.dumps(dataclasses.asdict(ttp), sort_keys=True).encode()).hexdigest()[:8]
+        keyed = dataclasses.replace(ttp, temporal_agreement=0.0) if scenario == "offline" else ttp
+        return ttp, "-" + hashlib.sha1(json.dumps(dataclasses.asdict(keyed), sort_keys=True).encode()).hexdigest()[:8]
 
     def evaluation(self, variant: str, seed: int, scenario: str, tag: str = "", ttp_overrides=(),
                    flip_test: bool | None = None) -> dict:
@@ -181,7 +183,7 @@ class Experiment:
         the guard), so it is computed once."""
         key = ""
         if scenario != "none":
-            ttp, key = self.ttp(ttp_overrides)
+            ttp, key = self.ttp(ttp_overrides, scenario)
             if ttp == self.ttp()[0]:
                 tag = ""
         return self.out / "evals" / \
