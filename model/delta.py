@@ -127,17 +127,18 @@ def rebuild(delta: dict[str, torch.Tensor], base_state: dict[str, torch.Tensor])
 def encode_delta(delta: dict[str, torch.Tensor], dtype: str, base_sha256: str, person_id: str,
                  scenario: str, steps: int, frames: int, extra: dict | None = None, rank: int = 0,
                  max_abs: float = math.inf) -> bytes:
-    """The delta's bytes; `rank` > 0 stores weights as rank-`rank` factors (`factorize`), shrunk where their
-    quantized product would move a weight beyond `max_abs` (the trust region the readers hold it to)."""
+    """The delta's bytes; `rank` > 0 stores weights as rank-`rank` factors (`factorize`), each weight's factors
+    shrunk where their quantized product would move it beyond `max_abs` (the trust region the readers hold it to);
+    the other weights stay as they are."""
     tensors = factorize(delta, rank) if rank else delta
     stored, scales = quantize(tensors, dtype)
     for _ in range(8 if rank and max_abs < math.inf else 0):
         dense = rebuild(dequantize(stored, scales), delta)  # the change as a reader will see it
-        largest = max((float(v.abs().max()) for v in dense.values()), default=0.0)
-        if largest <= max_abs:
+        largest = {k: float(v.abs().max()) for k, v in dense.items()}
+        over = {k + FACTOR_B: max_abs / m * (1 - 2.0 ** -12) for k, m in largest.items() if m > max_abs}
+        if not over:
             break
-        shrink = max_abs / largest * (1 - 2.0 ** -12)
-        tensors = {k: v * shrink if k.endswith(FACTOR_B) else v for k, v in tensors.items()}
+        tensors = {k: v * over.get(k, 1.0) for k, v in tensors.items()}
         stored, scales = quantize(tensors, dtype)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": dtype, "base_sha256": base_sha256,

@@ -17,7 +17,8 @@ from safetensors.torch import save as st_save
 
 from client import edge
 from model.checkpoint import load_checkpoint
-from model.delta import DeltaRejected, deltable_keys, encode_delta, extract_delta, factorize, read_metadata
+from model.delta import (DeltaRejected, deltable_keys, dequantize, encode_delta, extract_delta, factorize, quantize,
+                         read_metadata, rebuild)
 from posettp.cli import main as cli
 from server.fl import FLSettings, handle_reply, make_store
 from server.serve import PersonModels
@@ -261,11 +262,17 @@ def test_a_low_rank_delta_is_small_and_rebuilds_the_change_within_the_trust_regi
     ck = world["ck"]
     radius = ck.config.ttp.drift_radius
     change = _low_rank(ck, radius_share=1.0)  # at the trust region's edge: rounding alone could leave it
+    inside = [k for k, v in change.items() if v.ndim > 1][::2]  # these at half the radius: nothing to shrink
+    change.update({k: change[k] / 2 for k in inside})
     small = encode_delta(change, "int8", ck.sha256, "p", "offline", 4, 12, rank=4, max_abs=radius)
     dense = encode_delta(change, "int8", ck.sha256, "p", "offline", 4, 12)
     assert len(small) < 0.25 * len(dense)
     rebuilt, _ = DeltaPolicy.for_checkpoint(ck).check(small)
+    unshrunk = rebuild(dequantize(*quantize(factorize(change, 4), "int8")), change)  # the factors as they came
     assert set(rebuilt) == set(change)
     for k, v in change.items():
         assert float(rebuilt[k].abs().max()) <= radius
         assert float((rebuilt[k] - v).abs().max()) <= 0.03 * radius, k
+    for k in inside:  # a weight inside the region keeps its factors whatever the others needed
+        assert torch.equal(rebuilt[k], unshrunk[k]), k
+    assert any(not torch.equal(rebuilt[k], unshrunk[k]) for k in change if k not in inside)  # some edge one shrank
