@@ -157,6 +157,12 @@ def test_table2_has_four_iteration_counts_with_and_without_guard(toy):
     [online] = [p for p in (out / "evals").glob("transformer-s0-online-dark-*.json") if "-fliptest" not in p.name]
     persons = json.loads(online.read_text())["persons"]
     assert result["it1-guard"]["pck@0.2"] == pytest.approx(sum(r["pck@0.2"] for r in persons) / len(persons))
+    # each cell's gain over no TTP is paired by person, with its standard error over persons in the printed table
+    for cell in ("it1-noguard", "it4-guard"):
+        gain = result[cell]["vs_no_ttp"]
+        assert gain["gain_mean"] == pytest.approx(result[cell]["pck@0.2"] - result["no_ttp"])
+        assert gain["person_gain_min"] <= gain["gain_mean"] <= gain["person_gain_max"] and gain["persons"] == 2
+        assert f"{gain['gain_mean'] * 100:+.1f} ± {gain['gain_se'] * 100:.1f}; worst person" in printed
 
 
 def test_fig3_fig4_table5_write_their_pngs_and_tables(toy):
